@@ -1,0 +1,25 @@
+"""The light FCMAE decoder: 1x1 projection, mask token at masked positions, ConvNeXt V2 blocks,
+1x1 head to the pixels of one patch per position."""
+import torch
+import torch.nn as nn
+from timm.layers import trunc_normal_
+
+from fcmae.encoders.convnextv2 import Block, init_weights
+
+
+class FCMAEDecoder(nn.Module):
+    def __init__(self, in_dim, decoder_dim=512, decoder_depth=1, patch_size=32, in_chans=3):
+        super().__init__()
+        self.proj = nn.Conv2d(in_dim, decoder_dim, kernel_size=1)
+        self.mask_token = nn.Parameter(torch.zeros(1, decoder_dim, 1, 1))
+        self.blocks = nn.Sequential(*[Block(decoder_dim) for _ in range(decoder_depth)])
+        self.pred = nn.Conv2d(decoder_dim, patch_size * patch_size * in_chans, kernel_size=1)
+        self.apply(init_weights)
+        trunc_normal_(self.mask_token, std=0.02)
+
+    def forward(self, x, mask):
+        """x (N, C_enc, h, w) encoder features, mask (N, h, w) 1 = masked -> (N, p*p*C_in, h, w)."""
+        x = self.proj(x)
+        m = mask.unsqueeze(1).to(x.dtype)  # (N, 1, h, w)
+        x = x * (1 - m) + self.mask_token * m
+        return self.pred(self.blocks(x))

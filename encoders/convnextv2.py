@@ -1,0 +1,162 @@
+"""ConvNeXt V2 (dense): the classifier used for fine-tuning and export.
+
+State-dict keys follow the public release's dense layout (`downsample_layers.*`, `stages.S.B.*`,
+`norm.*`, `head.*`, GRN `gamma`/`beta` of shape (1, 1, 1, C)), so exported weights load into the
+release's code and, through timm's own filter, into timm's `convnextv2_*` models.
+"""
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from timm.layers import DropPath, LayerNorm2d, trunc_normal_
+
+# name: (depths, dims)
+SIZES = {
+    "atto": ((2, 2, 6, 2), (40, 80, 160, 320)),
+    "femto": ((2, 2, 6, 2), (48, 96, 192, 384)),
+    "pico": ((2, 2, 6, 2), (64, 128, 256, 512)),
+    "nano": ((2, 2, 8, 2), (80, 160, 320, 640)),
+    "tiny": ((3, 3, 9, 3), (96, 192, 384, 768)),
+    "base": ((3, 3, 27, 3), (128, 256, 512, 1024)),
+    "large": ((3, 3, 27, 3), (192, 384, 768, 1536)),
+    "huge": ((3, 3, 27, 3), (352, 704, 1408, 2816)),
+}
+
+
+def size_config(model):
+    """(depths, dims) for a size name, or for a dict {"depths": ..., "dims": ...} (custom sizes)."""
+    if isinstance(model, dict):
+        return tuple(model["depths"]), tuple(model["dims"])
+    if model not in SIZES:
+        raise ValueError(f"unknown model '{model}': choose one of {', '.join(SIZES)}")
+    return SIZES[model]
+
+
+class GRN(nn.Module):
+    """Global Response Normalization on channels-last input (N, H, W, C).
+
+    G is the per-sample, per-channel L2 norm over spatial positions. With `visible` (N, H, W, 1),
+    masked positions are zeroed first, so the norm runs over visible positions only, exactly as
+    the sparse backends compute it.
+    """
+
+    def __init__(self, dim, eps=1e-6):
+        super().__init__()
+        self.eps = eps
+        self.gamma = nn.Parameter(torch.zeros(1, 1, 1, dim))
+        self.beta = nn.Parameter(torch.zeros(1, 1, 1, dim))
+
+    def forward(self, x, visible=None):
+        if visible is not None:
+            x = x * visible
+        gx = torch.linalg.vector_norm(x, dim=(1, 2), keepdim=True)  # (N, 1, 1, C)
+        nx = gx / (gx.mean(dim=-1, keepdim=True) + self.eps)
+        return self.gamma * (x * nx) + self.beta + x
+
+    def forward_rows(self, x, rows):
+        """x: (M, C) visible rows of the batch; rows: `VisibleRows` locating them per sample."""
+        gx = rows.per_sample_sum(x * x).sqrt()  # (N, C)
+        nx = gx / (gx.mean(dim=-1, keepdim=True) + self.eps)
+        return self.gamma[0, 0] * (x * rows.expand(nx)) + self.beta[0, 0] + x
+
+
+class Block(nn.Module):
+    """dwconv 7x7 -> LayerNorm -> Linear(C, 4C) -> GELU -> GRN -> Linear(4C, C) -> drop path -> + x."""
+
+    def __init__(self, dim, drop_path=0.0):
+        super().__init__()
+        self.dwconv = nn.Conv2d(dim, dim, kernel_size=7, padding=3, groups=dim)
+        self.norm = nn.LayerNorm(dim, eps=1e-6)
+        self.pwconv1 = nn.Linear(dim, 4 * dim)
+        self.act = nn.GELU()
+        self.grn = GRN(4 * dim)
+        self.pwconv2 = nn.Linear(4 * dim, dim)
+        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+
+    def mlp(self, x, grn):
+        """The pointwise part on channels-last features (..., C); `grn` applies the GRN."""
+        return self.pwconv2(grn(self.act(self.pwconv1(self.norm(x)))))
+
+    def forward(self, x, visible=None):
+        """x: (N, C, H, W). `visible` (N, H, W, 1) gives the dense-masked reference: masked
+        positions are zero on input and output and do not enter GRN's norm."""
+        y = self.dwconv(x).permute(0, 2, 3, 1)  # (N, H, W, C)
+        y = self.mlp(y, lambda t: self.grn(t, visible))
+        y = x + self.drop_path(y.permute(0, 3, 1, 2))
+        if visible is not None:
+            y = y * visible.permute(0, 3, 1, 2)
+        return y
+
+
+def make_trunk(in_chans, depths, dims, drop_path_rate):
+    """The stem, downsampling layers and stages shared by the dense and sparse encoders."""
+    downsample_layers = nn.ModuleList([nn.Sequential(
+        nn.Conv2d(in_chans, dims[0], kernel_size=4, stride=4), LayerNorm2d(dims[0], eps=1e-6))])
+    for i in range(3):
+        downsample_layers.append(nn.Sequential(
+            LayerNorm2d(dims[i], eps=1e-6), nn.Conv2d(dims[i], dims[i + 1], kernel_size=2, stride=2)))
+    rates = torch.linspace(0, drop_path_rate, sum(depths)).tolist()
+    stages, start = nn.ModuleList(), 0
+    for depth, dim in zip(depths, dims):
+        stages.append(nn.Sequential(*[Block(dim, rates[start + j]) for j in range(depth)]))
+        start += depth
+    return downsample_layers, stages
+
+
+def init_weights(module):
+    if isinstance(module, (nn.Conv2d, nn.Linear)):
+        trunc_normal_(module.weight, std=0.02)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+
+class ConvNeXtV2(nn.Module):
+    def __init__(self, model="atto", in_chans=3, num_classes=1000, drop_path_rate=0.0,
+                 head_init_scale=1.0):
+        super().__init__()
+        depths, dims = size_config(model)
+        self.depths, self.dims, self.in_chans = depths, dims, in_chans
+        self.num_features = dims[-1]
+        self.downsample_layers, self.stages = make_trunk(in_chans, depths, dims, drop_path_rate)
+        self.norm = nn.LayerNorm(dims[-1], eps=1e-6)
+        self.head = nn.Linear(dims[-1], num_classes) if num_classes > 0 else nn.Identity()
+        self.apply(init_weights)
+        if num_classes > 0:
+            self.head.weight.data.mul_(head_init_scale)
+            self.head.bias.data.mul_(head_init_scale)
+
+    def forward_features(self, x):
+        """(N, in_chans, H, W) -> last-stage feature map (N, C_last, H/32, W/32)."""
+        check_input(x, self.in_chans)
+        for downsample, stage in zip(self.downsample_layers, self.stages):
+            x = stage(downsample(x))
+        return x
+
+    def forward_head(self, x, pre_logits=False):
+        x = self.norm(x.mean(dim=(-2, -1)))  # global average pool -> (N, C_last)
+        return x if pre_logits else self.head(x)
+
+    def forward(self, x):
+        return self.forward_head(self.forward_features(x))
+
+
+def check_input(x, in_chans):
+    if x.ndim != 4 or x.shape[1] != in_chans:
+        raise ValueError(f"expected images (N, {in_chans}, H, W), got {tuple(x.shape)}")
+    if x.shape[2] % 32 or x.shape[3] % 32:
+        raise ValueError(f"image sides must be multiples of 32, got {x.shape[2]}x{x.shape[3]}")
+
+
+def _register(name):
+    def create(**kwargs):
+        return ConvNeXtV2(name, **kwargs)
+    create.__name__ = f"convnextv2_{name}"
+    create.__doc__ = f"ConvNeXt V2-{name}: depths {SIZES[name][0]}, dims {SIZES[name][1]}."
+    return create
+
+
+MODELS = {f"convnextv2_{name}": _register(name) for name in SIZES}
+
+
+def create_model(name, **kwargs):
+    """`create_model("atto")` or `create_model("convnextv2_atto", num_classes=10)`."""
+    return ConvNeXtV2(name.removeprefix("convnextv2_") if isinstance(name, str) else name, **kwargs)

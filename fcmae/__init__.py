@@ -1,0 +1,5 @@
+"""fcmae: FCMAE self-supervised pre-training of ConvNeXt V2 encoders, then fine-tuning."""
+from fcmae.model import FCMAE
+
+__all__ = ["FCMAE"]
+__version__ = "0.1.0"
