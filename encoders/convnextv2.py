@@ -94,7 +94,8 @@ def make_trunk(in_chans, depths, dims, drop_path_rate):
     for i in range(3):
         downsample_layers.append(nn.Sequential(
             LayerNorm2d(dims[i], eps=1e-6), nn.Conv2d(dims[i], dims[i + 1], kernel_size=2, stride=2)))
-    rates = torch.linspace(0, drop_path_rate, sum(depths)).tolist()
+    total = sum(depths)
+    rates = [drop_path_rate * i / max(total - 1, 1) for i in range(total)]  # linear in depth
     stages, start = nn.ModuleList(), 0
     for depth, dim in zip(depths, dims):
         stages.append(nn.Sequential(*[Block(dim, rates[start + j]) for j in range(depth)]))

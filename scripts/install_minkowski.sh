@@ -44,4 +44,9 @@ if ! ls "$wheel_dir"/MinkowskiEngine-*.whl >/dev/null 2>&1; then
 fi
 
 "$PYTHON" -m pip install -q --no-deps "$wheel_dir"/MinkowskiEngine-*.whl
+# 0.5.4 predates Python 3.10, which moved the ABCs out of `collections`: point its imports there.
+me_dir=$("$PYTHON" -c "import importlib.util as u; print(u.find_spec('MinkowskiEngine').submodule_search_locations[0])")
+grep -rl "from collections import Sequence" "$me_dir" | xargs -r sed -i \
+  -e 's/^from collections import Sequence, namedtuple$/from collections import namedtuple\nfrom collections.abc import Sequence/' \
+  -e 's/^from collections import Sequence$/from collections.abc import Sequence/'
 "$PYTHON" -c "import MinkowskiEngine as ME; print('MinkowskiEngine', ME.__version__, 'installed')"

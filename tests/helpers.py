@@ -1,0 +1,27 @@
+"""Small shared test helpers (imported by test modules; tests/ is on sys.path under pytest)."""
+import os
+
+import pytest
+import torch
+
+# A multi-block custom size that keeps tests fast.
+TINY = {"depths": [2, 2, 3, 2], "dims": [8, 16, 24, 32]}
+
+
+def randomize_(module, std=0.3, seed=0):
+    """Give GRN gamma/beta and every bias non-zero values: at init they are zero, which would
+    hide GRN and bias handling from the equality tests."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            if name.endswith(("grn.gamma", "grn.beta", ".bias")):
+                p.copy_(torch.randn(p.shape, generator=g) * std)
+    return module
+
+
+def minkowski():
+    """MinkowskiEngine, or skip; CI sets FCMAE_REQUIRE_MINKOWSKI=1 so a missing install fails."""
+    if os.environ.get("FCMAE_REQUIRE_MINKOWSKI") == "1":
+        import MinkowskiEngine
+        return MinkowskiEngine
+    return pytest.importorskip("MinkowskiEngine", reason="MinkowskiEngine not installed (scripts/install_minkowski.sh)")
