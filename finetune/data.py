@@ -1,0 +1,97 @@
+"""Labeled data: an ImageFolder root with train/ and val/ (one folder per class, ImageNet's
+layout), and the release's transforms built by timm."""
+from pathlib import Path
+
+import torch
+from PIL import Image
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, create_transform
+from timm.data import auto_augment
+from torch.utils.data import DataLoader
+from torchvision.datasets import ImageFolder
+
+from fcmae.errors import UserError
+
+# Grayscale data is normalized with the mean of ImageNet's channel statistics.
+STATS = {3: (IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD),
+         1: ((sum(IMAGENET_DEFAULT_MEAN) / 3,), (sum(IMAGENET_DEFAULT_STD) / 3,))}
+
+
+def check_in_chans(in_chans):
+    if in_chans not in STATS:
+        raise UserError(f"--in-chans {in_chans}: image folders give 3 (RGB) or 1 (grayscale) channels: pass 3 or 1")
+
+
+def train_transform(input_size, in_chans=3, aa="rand-m9-mstd0.5-inc1", reprob=0.25):
+    """RandomResizedCrop + flip + RandAugment + random erasing, bicubic (the release's recipe);
+    aa None and reprob 0 leave crop + flip (MAE's linear-probe augmentation)."""
+    mean, std = STATS[in_chans]
+    transform = create_transform(input_size, is_training=True, color_jitter=None, auto_augment=aa or None,
+                                 interpolation="bicubic", re_prob=reprob, re_mode="pixel", re_count=1,
+                                 mean=mean, std=std)
+    for t in transform.transforms:
+        for op in getattr(t, "ops", ()):  # timm's RandAugment
+            if op.aug_fn is timm_posterize:
+                op.aug_fn = posterize
+    return transform
+
+
+timm_posterize = auto_augment.posterize
+
+
+def posterize(img, bits_to_keep, **kwargs):
+    """timm's posterize, except that keeping 0 bits gives a black image, as Pillow < 13 did:
+    Pillow 13 raises instead, and "inc1" asks for 0 bits at magnitude 10 (9 + noise)."""
+    if bits_to_keep <= 0:
+        return Image.new(img.mode, img.size)
+    return timm_posterize(img, bits_to_keep, **kwargs)
+
+
+def eval_transform(input_size, in_chans=3, crop_pct=None):
+    """Resize to input_size / crop_pct and center-crop (crop_pct 224/256 below 384 px); from 384
+    px up the release resizes straight to input_size, without cropping."""
+    mean, std = STATS[in_chans]
+    if crop_pct is None:
+        crop_pct = 224 / 256 if input_size < 384 else 1.0
+    crop_mode = "squash" if crop_pct == 1.0 else "center"
+    return create_transform(input_size, is_training=False, interpolation="bicubic", crop_pct=crop_pct,
+                            crop_mode=crop_mode, mean=mean, std=std)
+
+
+def _loader(in_chans):
+    mode = "RGB" if in_chans == 3 else "L"
+
+    def load(path):
+        with open(path, "rb") as f:
+            return Image.open(f).convert(mode)
+    return load
+
+
+def image_folder(root, split, transform, in_chans=3):
+    """`root/split` as an ImageFolder (or `root` itself when it has no `split` folder and
+    split is "val", so `fcmae eval --data DIR` also takes a bare class-folder tree)."""
+    root = Path(root)
+    if not root.is_dir():
+        raise UserError(f"--data {root} is not a directory: pass a folder holding train/ and val/ class folders")
+    folder = root / split
+    if not folder.is_dir():
+        if split == "val" and any(p.is_dir() for p in root.iterdir()) and not (root / "train").is_dir():
+            folder = root
+        else:
+            raise UserError(f"--data {root} has no {split}/ folder: expected {root}/{split}/<class>/<image>")
+    try:
+        return ImageFolder(str(folder), transform=transform, loader=_loader(in_chans))
+    except (FileNotFoundError, RuntimeError) as e:
+        raise UserError(f"{folder}: {str(e).splitlines()[0]}: put images in one folder per class") from None
+
+
+def check_classes(train, val):
+    if train.classes != val.classes:
+        only = sorted(set(train.classes) ^ set(val.classes))[:3]
+        raise UserError(f"train/ has {len(train.classes)} classes and val/ {len(val.classes)}, differing in "
+                        f"{', '.join(only) or 'order'}: both need the same class folders")
+
+
+def loader(dataset, batch_size, workers, train):
+    # Full batches in training: Mixup/CutMix pair samples within a batch and needs it even.
+    return DataLoader(dataset, batch_size=batch_size, shuffle=train, drop_last=train, num_workers=workers,
+                      pin_memory=torch.cuda.is_available(), persistent_workers=workers > 0)

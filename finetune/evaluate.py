@@ -1,0 +1,72 @@
+"""`fcmae eval`: top-1 / top-5 of a classifier on an image-folder validation set, nothing else.
+
+    fcmae eval --checkpoint runs/ft-base/checkpoints/last.ckpt --data /path/to/imagenet-1k [--ema]
+
+The checkpoint may be our fine-tuning last.ckpt (raw weights, or the EMA with --ema), the
+classifier.safetensors a run writes, or a dense fine-tuned checkpoint of the public release.
+The architecture is read off the weights; the data is DIR/val (or DIR itself if it is a bare
+tree of class folders).
+"""
+from typing import Literal, Optional, Union
+
+import lightning as L
+from jsonargparse import ActionConfigFile, ArgumentParser
+
+from fcmae.encoders import ConvNeXtV2
+from fcmae.errors import UserError
+from fcmae.finetune import data
+from fcmae.finetune.cli import make_precision
+from fcmae.finetune.module import FinetuneModule
+from fcmae.finetune.weights import architecture, load_classifier
+
+
+def build_parser():
+    p = ArgumentParser(description="Evaluate a ConvNeXt V2 classifier (top-1 / top-5).")
+    p.add_argument("--config", action=ActionConfigFile)
+    p.add_argument("--checkpoint", type=Optional[str], default=None,
+                   help="last.ckpt, classifier.safetensors or a release fine-tuned checkpoint")
+    p.add_argument("--data", type=Optional[str], default=None, help="folder with val/ (or a folder of class folders)")
+    p.add_argument("--ema", action="store_true", help="evaluate the EMA weights of the checkpoint")
+    p.add_argument("--input-size", type=Optional[int], default=None, help="default: the training run's, else 224")
+    p.add_argument("--crop-pct", type=Optional[float], default=None, help="resize = input / crop_pct (default 224/256)")
+    p.add_argument("--batch-size", type=int, default=64, help="per device")
+    p.add_argument("--accelerator", type=str, default="auto", help="auto | cpu | gpu | ...")
+    p.add_argument("--devices", type=Union[int, str], default=1)
+    p.add_argument("--num-nodes", type=int, default=1)
+    p.add_argument("--precision", type=Literal["auto", "32", "bf16-mixed", "16-mixed"], default="auto",
+                   help="auto = bf16-mixed on GPUs that support it, else 32")
+    p.add_argument("--workers", type=int, default=8)
+    return p
+
+
+def evaluate(cfg):
+    """Returns {"top1", "top5", "loss", "images"}."""
+    if not cfg.checkpoint or not cfg.data:
+        raise UserError("fcmae eval needs --checkpoint FILE and --data DIR")
+    state, meta = load_classifier(cfg.checkpoint, cfg.ema)
+    model, in_chans, num_classes = architecture(state)
+    data.check_in_chans(in_chans)
+    input_size = cfg.input_size or meta.get("input_size") or 224
+    crop_pct = cfg.crop_pct if cfg.crop_pct is not None else meta.get("crop_pct")
+    val = data.image_folder(cfg.data, "val", data.eval_transform(input_size, in_chans, crop_pct), in_chans)
+    classes = meta.get("classes")
+    if len(val.classes) != num_classes or (classes and list(classes) != val.classes):
+        raise UserError(f"{cfg.data}: {len(val.classes)} class folders, but the classifier has {num_classes} "
+                        f"outputs{' for other class names' if len(val.classes) == num_classes else ''}: "
+                        f"pass the data it was trained on")
+
+    classifier = ConvNeXtV2(model, in_chans, num_classes)
+    classifier.load_state_dict(state)
+    trainer = L.Trainer(accelerator=cfg.accelerator, devices=cfg.devices, num_nodes=cfg.num_nodes, logger=False,
+                        enable_checkpointing=False, precision=make_precision(cfg.precision))
+    metrics = trainer.validate(FinetuneModule(classifier), data.loader(val, cfg.batch_size, cfg.workers, train=False),
+                               verbose=False)[0]
+    out = {"top1": metrics["val/top1"], "top5": metrics["val/top5"], "loss": metrics["val/loss"], "images": len(val)}
+    which = "EMA weights" if cfg.ema else "weights"
+    print(f"{cfg.checkpoint} ({which}, {input_size}px): top-1 {out['top1']:.2f}  top-5 {out['top5']:.2f}  "
+          f"loss {out['loss']:.4f} on {len(val)} images")
+    return out
+
+
+def run(cfg):
+    evaluate(cfg)

@@ -1,0 +1,119 @@
+"""The fine-tuning LightningModule: only what is specific to fine-tuning (Mixup/CutMix, the loss,
+layer-decayed AdamW, the per-step cosine schedule, the weight EMA, the linear probe). Lightning
+owns the loop, devices, precision, checkpoints and logging.
+
+`self.model` is the dense ConvNeXtV2 and `self.model_ema` timm's ModelEmaV3 of it, so a
+checkpoint holds the classifier as `model.*` and its EMA as `model_ema.module.*`.
+"""
+import math
+
+import lightning as L
+import torch
+import torch.nn as nn
+from timm.data import Mixup
+from timm.layers import trunc_normal_
+from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+from timm.optim import Lars
+from timm.scheduler import CosineLRScheduler
+from timm.utils import ModelEmaV3, accuracy
+
+from fcmae.finetune.layer_decay import param_groups
+
+
+class FinetuneModule(L.LightningModule):
+    def __init__(self, model, lr=1e-3, min_lr=1e-6, warmup_epochs=0, weight_decay=0.05, layer_decay=1.0,
+                 layer_decay_type="single", mixup=0.0, cutmix=0.0, smoothing=0.0, ema_decay=None,
+                 linear_probe=False, **record):
+        """`model`: a dense ConvNeXtV2, already holding its pre-trained weights. `ema_decay`
+        None: no EMA. `record`: facts kept in the checkpoint's hyper_parameters for `fcmae eval`
+        (model size, classes, input size)."""
+        super().__init__()
+        self.save_hyperparameters(ignore=["model"])
+        self.model = model
+        self.linear_probe = linear_probe
+        if linear_probe:
+            # MAE's linear probe: frozen encoder, BatchNorm without affine on the pooled
+            # features, then a linear head (trunc-normal 0.01) trained alone.
+            self.model.requires_grad_(False)
+            self.model.head.requires_grad_(True)
+            trunc_normal_(self.model.head.weight, std=0.01)
+            nn.init.zeros_(self.model.head.bias)
+            self.feature_bn = nn.BatchNorm1d(model.num_features, affine=False, eps=1e-6)
+        # Built after the pre-trained weights are in, so the EMA starts from them.
+        self.model_ema = None
+        if ema_decay and not linear_probe:
+            self.model_ema = ModelEmaV3(model, decay=ema_decay)
+            # Never trained by the optimizer: DDP must not wait for gradients of these copies.
+            self.model_ema.requires_grad_(False)
+        self.mixup = None
+        if mixup > 0 or cutmix > 0:
+            self.mixup = Mixup(mixup_alpha=mixup, cutmix_alpha=cutmix, label_smoothing=smoothing,
+                               num_classes=model.head.out_features)
+            self.criterion = SoftTargetCrossEntropy()  # Mixup already smoothed the targets
+        elif smoothing > 0:
+            self.criterion = LabelSmoothingCrossEntropy(smoothing)
+        else:
+            self.criterion = nn.CrossEntropyLoss()
+
+    def train(self, mode=True):
+        """The probe's encoder stays in eval mode (no drop path) whatever Lightning asks."""
+        super().train(mode)
+        if getattr(self, "linear_probe", False):
+            self.model.eval()
+        return self
+
+    def forward(self, x):
+        if not self.linear_probe:
+            return self.model(x)
+        with torch.no_grad():
+            features = self.model.forward_head(self.model.forward_features(x), pre_logits=True)
+        return self.model.head(self.feature_bn(features))
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        if self.mixup is not None:
+            x, y = self.mixup(x, y)
+        loss = self.criterion(self(x), y)
+        self.log("train/loss", loss, prog_bar=True)
+        self.log("lr", max(g["lr"] for g in self.optimizers().param_groups))  # the head's lr
+        return loss
+
+    def validation_step(self, batch, batch_idx):
+        x, y = batch
+        self._evaluate("val", self(x), y)
+        if self.model_ema is not None:
+            self._evaluate("val_ema", self.model_ema.module(x), y)
+
+    def _evaluate(self, name, logits, y):
+        top1, top5 = accuracy(logits, y, topk=(1, min(5, logits.shape[1])))
+        metrics = {"loss": nn.functional.cross_entropy(logits, y), "top1": top1, "top5": top5}
+        self.log_dict({f"{name}/{k}": v for k, v in metrics.items()}, batch_size=len(y), sync_dist=True,
+                      prog_bar=name == "val")
+
+    def optimizer_step(self, *args, **kwargs):
+        super().optimizer_step(*args, **kwargs)
+        if self.model_ema is not None:  # once per optimizer step, i.e. after accumulation
+            self.model_ema.update(self.model, step=self.global_step)
+
+    def configure_optimizers(self):
+        hp = self.hparams
+        if self.linear_probe:
+            # MAE's LARS: trust-ratio scaling on the weight matrix only, no weight decay on the bias.
+            groups = [{"params": [self.model.head.weight], "weight_decay": hp.weight_decay, "always_adapt": True},
+                      {"params": [self.model.head.bias], "weight_decay": 0.0}]
+            optimizer = Lars(groups, lr=hp.lr, momentum=0.9)
+        else:
+            groups = param_groups(self.model, hp.weight_decay, hp.layer_decay, hp.layer_decay_type)
+            optimizer = torch.optim.AdamW(groups, lr=hp.lr)
+        # Per-step cosine after a linear warmup from 0, as the release's schedule; timm multiplies
+        # each group's lr by its `lr_scale` (layer decay).
+        total = self.trainer.estimated_stepping_batches
+        per_epoch = max(1, math.ceil(self.trainer.num_training_batches / self.trainer.accumulate_grad_batches))
+        warmup = min(int(hp.warmup_epochs * per_epoch), total - 1)
+        scheduler = CosineLRScheduler(optimizer, t_initial=max(1, total - warmup), lr_min=hp.min_lr,
+                                      warmup_t=warmup, warmup_lr_init=0.0, warmup_prefix=True, t_in_epochs=False)
+        scheduler.step_update(num_updates=0)  # the first step's lr, with each group's scale applied
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def lr_scheduler_step(self, scheduler, metric):
+        scheduler.step_update(num_updates=self.global_step)
