@@ -1,0 +1,158 @@
+"""Trainer add-ons for pre-training: crash-safe checkpoint files, last.ckpt upkeep, images/s,
+and reconstruction grids (original / masked input / reconstruction)."""
+import os
+import time
+from pathlib import Path
+
+import torch
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+from lightning.pytorch.callbacks import Callback
+from torchvision.utils import make_grid, save_image
+
+from fcmae.masking import PATCH_SIZE, patchify, unpatchify
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Writes a checkpoint to `<path>.tmp`, fsyncs it, then renames it over `<path>`: a crash
+    or a full disk during a save leaves the previous checkpoint intact. (Lightning's own writer
+    goes through an fsspec transaction, which renames but never fsyncs.)"""
+
+    def save_checkpoint(self, checkpoint, path, storage_options=None):
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        try:
+            with open(tmp, "wb") as f:
+                torch.save(checkpoint, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)  # atomic on POSIX: readers see the old file or the new one
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        dir_fd = os.open(path.parent, os.O_RDONLY)  # make the rename itself durable
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+
+
+class LastCheckpoint(Callback):
+    """Keeps `<dirpath>/last.ckpt` current: every `every_n_steps` optimizer steps and at the
+    final step. Saving at a batch end (never in on_train_end, which Lightning records as a
+    finished epoch) lets a resumed run continue inside the epoch where this one stopped."""
+
+    def __init__(self, dirpath, every_n_steps=1000):
+        self.path, self.every_n_steps = Path(dirpath) / "last.ckpt", every_n_steps
+        self.saved_step = None
+
+    def save(self, trainer):
+        if trainer.global_step != self.saved_step and trainer.global_step > 0:
+            trainer.save_checkpoint(self.path, weights_only=False)  # all ranks call it; the strategy writes
+            self.saved_step = trainer.global_step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        step = trainer.global_step
+        final_step = 0 < trainer.max_steps <= step
+        final_batch = (trainer.fit_loop.epoch_loop.batch_progress.is_last_batch
+                       and trainer.current_epoch + 1 >= trainer.max_epochs)
+        if step % self.every_n_steps == 0 or final_step or final_batch:
+            self.save(trainer)
+
+    def on_train_start(self, trainer, pl_module):
+        self.saved_step = trainer.global_step  # a resumed run: this step is on disk already
+
+    def on_train_end(self, trainer, pl_module):
+        self.save(trainer)  # only if stopped some other way (e.g. a callback) since the last save
+
+
+# ----------------------------------------------------------------------------- throughput
+
+class Throughput(Callback):
+    """Logs images/s over all ranks (`train/images_per_sec`, also on the progress bar),
+    smoothed over recent batches; the time includes data loading."""
+
+    def __init__(self, smoothing=0.9):
+        self.smoothing, self.last, self.rate = smoothing, None, None
+
+    def on_train_epoch_start(self, trainer, pl_module):
+        self.last = None  # the gap between epochs is not a training step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        now = time.perf_counter()
+        if self.last is not None:
+            rate = batch[0].shape[0] * trainer.world_size / (now - self.last)
+            self.rate = rate if self.rate is None else self.smoothing * self.rate + (1 - self.smoothing) * rate
+            pl_module.log("train/images_per_sec", self.rate, prog_bar=True)
+        self.last = now
+
+
+# ----------------------------------------------------------------------------- reconstructions
+
+@torch.no_grad()
+def reconstruction_grid(model, imgs, mask, norm=None, gray=0.5):
+    """Rows of original / masked input / reconstruction, in [0, 1] for display.
+
+    imgs (N, C, H, W) as fed to the model, mask (N, H/32, W/32) with 1 = masked. The
+    reconstruction shows visible patches from the input and masked ones from the prediction;
+    with norm-pix loss the prediction is in per-patch normalized units, so it gets each target
+    patch's own mean and std back. `norm` = the data's (mean, std), or None (arrays: min-max).
+    """
+    n, c, h, w = imgs.shape
+    _, pred, _ = model(imgs, mask)  # pred (N, L, 32*32*C)
+    if model.norm_pix_loss:
+        target = patchify(imgs)  # (N, L, 32*32*C)
+        mean, var = target.mean(-1, keepdim=True), target.var(-1, keepdim=True)
+        pred = pred * (var + 1e-6) ** 0.5 + mean
+    recon = unpatchify(pred, h // PATCH_SIZE, w // PATCH_SIZE, c)  # (N, C, H, W)
+    m = mask.repeat_interleave(PATCH_SIZE, 1).repeat_interleave(PATCH_SIZE, 2).unsqueeze(1).to(imgs.dtype)
+    rows = [imgs, imgs * (1 - m), imgs * (1 - m) + recon * m]  # masked input gets gray below
+    if norm is not None:
+        mean = torch.tensor(norm[0], device=imgs.device).view(1, -1, 1, 1)
+        std = torch.tensor(norm[1], device=imgs.device).view(1, -1, 1, 1)
+        rows = [r * std + mean for r in rows]
+    else:  # arrays: scale each original's range to [0, 1], the same for its three rows
+        lo, hi = imgs.amin((1, 2, 3), keepdim=True), imgs.amax((1, 2, 3), keepdim=True)
+        rows = [(r - lo) / (hi - lo + 1e-6) for r in rows]
+    rows[1] = rows[1] * (1 - m) + gray * m
+    rows = [r[:, :3] for r in rows]  # more than 3 channels: show the first three
+    return make_grid(torch.cat(rows).clamp(0, 1).float().cpu(), nrow=n, padding=2)
+
+
+class Reconstructions(Callback):
+    """Every `every_n_steps` steps and at the end: the reconstruction grid of a fixed batch, to
+    TensorBoard (`reconstruction`) and to `<dirpath>/step<step>.png`."""
+
+    def __init__(self, dirpath, every_n_steps=1000, num_images=8):
+        self.dirpath, self.every_n_steps, self.num_images = Path(dirpath), every_n_steps, num_images
+        self.done_step = None
+
+    def write(self, trainer, pl_module):
+        step = trainer.global_step
+        if step == self.done_step:
+            return
+        self.done_step = step
+        imgs, mask = trainer.datamodule.preview(self.num_images)
+        was_training = pl_module.training
+        pl_module.eval()
+        # All ranks run the forward (FSDP gathers parameters collectively); rank 0 writes.
+        grid = reconstruction_grid(pl_module.model, imgs.to(pl_module.device), mask.to(pl_module.device),
+                                   trainer.datamodule.norm)
+        pl_module.train(was_training)
+        if trainer.is_global_zero:
+            self.dirpath.mkdir(parents=True, exist_ok=True)
+            save_image(grid, self.dirpath / f"step{step:07d}.png")
+            if trainer.logger is not None and hasattr(trainer.logger.experiment, "add_image"):
+                trainer.logger.experiment.add_image("reconstruction", grid, step)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step > 0 and trainer.global_step % self.every_n_steps == 0:
+            self.write(trainer, pl_module)
+
+    def on_train_start(self, trainer, pl_module):
+        self.done_step = trainer.global_step  # nothing new to show for a resumed run's first step
+
+    def on_train_end(self, trainer, pl_module):
+        self.write(trainer, pl_module)

@@ -1,0 +1,269 @@
+"""Pre-training data: unlabeled images (or arrays) -> augmented views and their FCMAE masks.
+
+Sources (`find_source`):
+- `demo`: a small procedural image set built in, so a run needs no download;
+- `DATA/train/<class>/<file>`: the ImageNet-1K layout (train/ only, labels ignored);
+- `DATA/<class>/<file>`: class folders without train/;
+- `DATA/<file>`: a flat folder, e.g. your own unlabeled images.
+
+Files: images (jpg, png, tif, ...) read as RGB (`--in-chans 3`) or grayscale (`--in-chans 1`);
+or `.npy` arrays (C, H, W) for any channel count: float arrays are used as stored (standardize
+your bands beforehand), uint8 arrays are scaled to [0, 1]. More than 3 channels needs `.npy`.
+
+Every sample is addressed by a key `epoch * len(source) + index`, and its augmentation and mask
+are drawn from a generator seeded by (seed, key). With `ResumableSampler` (a permutation per
+(seed, epoch) that can start part-way through an epoch) a resumed run sees exactly the views
+and masks the interrupted run would have seen, whatever the number of loader workers.
+"""
+import math
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from torch.utils.data import DataLoader, Dataset, Sampler
+from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
+from torchvision.transforms import InterpolationMode, v2
+
+from fcmae.errors import UserError
+from fcmae.masking import PATCH_SIZE, num_visible, random_mask
+
+ARRAY_EXTENSIONS = (".npy",)
+DEMO_IMAGES = 1024  # procedural images in `--data demo`
+
+
+# ----------------------------------------------------------------------------- sources
+
+class DemoImages(Dataset):
+    """Procedural images: a colour gradient with a few filled shapes and stripes.
+
+    Cheap to draw, different per index, and structured enough that the reconstruction loss
+    falls within minutes. Image i is a pure function of i.
+    """
+
+    def __init__(self, num=DEMO_IMAGES, size=128, in_chans=3):
+        self.num, self.size, self.mode = num, size, "L" if in_chans == 1 else "RGB"
+
+    def __len__(self):
+        return self.num
+
+    def __getitem__(self, index):
+        rng = np.random.default_rng(index)
+        s = self.size
+        # background: a linear gradient between two colours at a random angle
+        a = rng.uniform(0, 2 * math.pi)
+        ramp = np.cos(a) * np.linspace(0, 1, s)[None, :] + np.sin(a) * np.linspace(0, 1, s)[:, None]
+        ramp = (ramp - ramp.min()) / (np.ptp(ramp) + 1e-6)  # (s, s) in [0, 1]
+        c0, c1 = rng.uniform(0, 255, 3), rng.uniform(0, 255, 3)
+        img = Image.fromarray((c0 + ramp[..., None] * (c1 - c0)).astype(np.uint8))
+        draw = ImageDraw.Draw(img)
+        for _ in range(rng.integers(2, 6)):
+            x0, y0 = rng.integers(-s // 4, s, 2)
+            w, h = rng.integers(s // 6, s // 2, 2)
+            box, colour = [int(x0), int(y0), int(x0 + w), int(y0 + h)], tuple(int(c) for c in rng.integers(0, 256, 3))
+            kind = rng.integers(3)
+            if kind == 0:
+                draw.ellipse(box, fill=colour)
+            elif kind == 1:
+                draw.rectangle(box, fill=colour)
+            else:
+                draw.polygon([(box[0], box[3]), (box[2], box[3]), ((box[0] + box[2]) // 2, box[1])], fill=colour)
+        period = int(rng.integers(6, 16))  # stripes across one band of the image
+        y = int(rng.integers(0, s - s // 4))
+        for x in range(0, s, period):
+            draw.line([(x, y), (x + s // 8, y + s // 4)], fill=(255, 255, 255), width=2)
+        return img.convert(self.mode)
+
+
+class FileSamples(Dataset):
+    """Image files (PIL, RGB or L) or .npy arrays (C, H, W tensors), one sample per file."""
+
+    def __init__(self, paths, in_chans):
+        self.paths, self.in_chans = paths, in_chans
+        self.arrays = paths[0].suffix.lower() in ARRAY_EXTENSIONS
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, index):
+        path = self.paths[index]
+        if self.arrays:
+            return read_array(path)
+        with Image.open(path) as img:
+            return img.convert("L" if self.in_chans == 1 else "RGB")
+
+
+def read_array(path):
+    """.npy (C, H, W) -> tensor; uint8 -> float in [0, 1], other dtypes -> float32 as stored."""
+    x = torch.from_numpy(np.load(path))
+    if x.ndim != 3:
+        raise UserError(f"{path}: array of shape {tuple(x.shape)}, expected (C, H, W): save one sample per .npy file")
+    return x.float() / 255 if x.dtype == torch.uint8 else x.float()
+
+
+def list_files(root):
+    """The sample files of a data folder: ImageNet train/ layout, class folders, or flat."""
+    extensions = IMG_EXTENSIONS + ARRAY_EXTENSIONS
+    if (root / "train").is_dir():
+        root = root / "train"  # ImageNet-1K: pre-training reads train/ only
+    flat = sorted(p for p in root.iterdir() if p.is_file() and p.suffix.lower() in extensions)
+    if flat:
+        return flat
+    try:
+        _, class_to_idx = find_classes(root)
+        return [Path(p) for p, _ in make_dataset(root, class_to_idx, extensions=extensions)]
+    except (FileNotFoundError, ValueError):
+        return []  # no class folders, or class folders without files
+
+
+def find_source(data, in_chans, input_size):
+    """`--data` -> (dataset of PIL images or tensors, whether its samples are .npy arrays)."""
+    if data == "demo":
+        if in_chans not in (1, 3):
+            raise UserError(f"--data demo makes RGB or grayscale images, not {in_chans} channels: "
+                            f"use --in-chans 1 or 3, or point --data at .npy arrays")
+        return DemoImages(size=input_size * 4 // 3, in_chans=in_chans), False
+    root = Path(data).expanduser()
+    if not root.is_dir():
+        raise UserError(f"data folder '{data}' does not exist: pass --data DIR (DIR/train/<class>/<image>, "
+                        f"or a folder of images) or --data demo")
+    paths = list_files(root)
+    if not paths:
+        raise UserError(f"no images or .npy files in '{data}': expected DIR/train/<class>/<image>, "
+                        f"DIR/<class>/<image> or images directly in DIR")
+    arrays = {p.suffix.lower() in ARRAY_EXTENSIONS for p in paths}
+    if len(arrays) > 1:
+        raise UserError(f"'{data}' mixes images and .npy arrays: keep one kind per data folder")
+    arrays = arrays.pop()
+    if not arrays and in_chans not in (1, 3):
+        raise UserError(f"--in-chans {in_chans} needs .npy arrays (C, H, W), one per sample, but '{data}' holds "
+                        f"images: convert them, or use --in-chans 3 (RGB) or 1 (grayscale)")
+    if arrays:
+        c = read_array(paths[0]).shape[0]
+        if c != in_chans:
+            raise UserError(f"{paths[0]} has {c} channels but --in-chans is {in_chans}: pass --in-chans {c}")
+    return FileSamples(paths, in_chans), arrays
+
+
+# ----------------------------------------------------------------------------- views and masks
+
+def normalization(in_chans, arrays):
+    """(mean, std) applied to the view, or None: arrays are used as stored."""
+    if arrays:
+        return None
+    if in_chans == 1:  # grayscale: the channel average of ImageNet's statistics
+        return (sum(IMAGENET_DEFAULT_MEAN) / 3,), (sum(IMAGENET_DEFAULT_STD) / 3,)
+    return IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+
+
+def pretrain_transform(input_size, norm):
+    """The paper's augmentation: RandomResizedCrop(scale 0.2-1, bicubic) + horizontal flip."""
+    steps = [v2.ToImage(),  # PIL -> uint8 tensor; plain tensors (arrays) pass through as images
+             v2.RandomResizedCrop(input_size, scale=(0.2, 1.0), interpolation=InterpolationMode.BICUBIC,
+                                  antialias=True),
+             v2.RandomHorizontalFlip(),
+             v2.ToDtype(torch.float32, scale=True)]
+    if norm is not None:
+        steps.append(v2.Normalize(*norm))
+    return v2.Compose(steps)
+
+
+class MaskedViews(Dataset):
+    """key -> (view (C, S, S), mask (S/32, S/32) with 1 = masked), both drawn from (seed, key)."""
+
+    def __init__(self, source, transform, input_size, mask_ratio, seed):
+        self.source, self.transform, self.seed = source, transform, seed
+        self.grid, self.mask_ratio = input_size // PATCH_SIZE, mask_ratio
+
+    def __len__(self):
+        return len(self.source)
+
+    def __getitem__(self, key):
+        sample = self.source[key % len(self.source)]
+        # Seed the augmentation per sample: reproducible whichever process draws it. fork_rng
+        # keeps the caller's global RNG untouched (with 0 workers that is the training process).
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.seed * 1_000_003 + key)
+            view = self.transform(sample)
+            mask = random_mask(1, self.grid, self.grid, self.mask_ratio)[0]
+        return view, mask
+
+
+class ResumableSampler(Sampler):
+    """This rank's share of a permutation drawn from (seed, epoch), like DistributedSampler
+    (the tail that does not divide evenly is dropped), yielding sample keys. `skip` makes the
+    next pass start part-way through the epoch: a resumed run continues where it stopped."""
+
+    def __init__(self, size, num_replicas=1, rank=0, seed=0):
+        self.size, self.num_replicas, self.rank, self.seed = size, num_replicas, rank, seed
+        self.num_samples = size // num_replicas
+        self.epoch, self.skip = 0, 0
+
+    def set_epoch(self, epoch):  # Lightning calls this at the start of every epoch
+        self.epoch = epoch
+
+    def __len__(self):
+        return self.num_samples
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(self.seed + self.epoch)
+        order = torch.randperm(self.size, generator=g)[: self.num_samples * self.num_replicas]
+        mine = order[self.rank::self.num_replicas][self.skip:]
+        self.skip = 0
+        return iter((self.epoch * self.size + mine).tolist())
+
+
+class PretrainData(L.LightningDataModule):
+    """Finds and checks the data at construction (before any heavy work), then serves each
+    rank its shard of every epoch; after a resume, the rest of the interrupted epoch."""
+
+    def __init__(self, data="demo", input_size=224, in_chans=3, mask_ratio=0.6, batch_size=64,
+                 workers=8, seed=0, pin_memory=False):
+        super().__init__()
+        if input_size % PATCH_SIZE:
+            raise UserError(f"--input-size {input_size} is not a multiple of {PATCH_SIZE}: "
+                            f"use e.g. {max(PATCH_SIZE, round(input_size / PATCH_SIZE) * PATCH_SIZE)}")
+        patches = (input_size // PATCH_SIZE) ** 2
+        if not 0 <= mask_ratio < 1 or num_visible(patches, mask_ratio) < 1:
+            raise UserError(f"--mask-ratio {mask_ratio} leaves no visible patch of the {patches} in a "
+                            f"{input_size}px crop: use a ratio in [0, 1) and a larger --input-size")
+        source, arrays = find_source(data, in_chans, input_size)
+        self.norm = normalization(in_chans, arrays)  # for un-normalizing reconstructions
+        self.dataset = MaskedViews(source, pretrain_transform(input_size, self.norm), input_size, mask_ratio, seed)
+        self.batch_size, self.workers, self.seed, self.pin_memory = batch_size, workers, seed, pin_memory
+        self.sampler = None
+
+    def batches_per_epoch(self, world_size):
+        """Full batches one rank gets per epoch (drop_last)."""
+        return len(self.dataset) // world_size // self.batch_size
+
+    def train_dataloader(self):
+        trainer = self.trainer
+        self.sampler = ResumableSampler(len(self.dataset), trainer.world_size, trainer.global_rank, self.seed)
+        epoch, batches_done = self.position(trainer)
+        self.sampler.set_epoch(epoch)
+        self.sampler.skip = batches_done * self.batch_size
+        return DataLoader(self.dataset, batch_size=self.batch_size, sampler=self.sampler, drop_last=True,
+                          num_workers=self.workers, pin_memory=self.pin_memory,
+                          persistent_workers=self.workers > 0)
+
+    def position(self, trainer):
+        """(epoch, batches of it already trained on) for the loader Lightning builds once at the
+        start of fit: (0, 0) for a new run, later for a resumed one. Checkpoints are written after
+        an optimizer step, so the step count says where the run stopped. Exact when batch size,
+        devices and accumulation are those of the interrupted run."""
+        per_epoch = self.batches_per_epoch(trainer.world_size)
+        accumulate = trainer.accumulate_grad_batches
+        steps_done = trainer.global_step - trainer.current_epoch * math.ceil(per_epoch / accumulate)
+        batches_done = min(max(steps_done, 0) * accumulate, per_epoch)
+        if batches_done == per_epoch:
+            # Saved at the epoch's last batch: Lightning goes on with the next epoch, on this loader.
+            return trainer.current_epoch + 1, 0
+        return trainer.current_epoch, batches_done
+
+    def preview(self, n=8):
+        """A fixed batch (the first n keys: same views and masks every call) for reconstructions."""
+        views, masks = zip(*(self.dataset[k] for k in range(min(n, len(self.dataset)))))
+        return torch.stack(views), torch.stack(masks)
