@@ -1,5 +1,5 @@
 """Time ONE ConvNeXt V2 block, forward + backward, per backend, side by side (interleaved rounds,
-median): the per-block figures of /work/shared/reference/facts.md ("MinkowskiEngine on these
+median): the per-block figures of the reference measurements ("MinkowskiEngine on these
 machines"), to compare with the whole-step numbers of `fcmae bench`.
 
     python benchmarks/blocks.py                       # the facts.md shapes, N=16, 60% masked
