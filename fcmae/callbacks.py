@@ -1,5 +1,7 @@
 """Trainer add-ons for pre-training: crash-safe checkpoint files, last.ckpt upkeep, images/s,
-and reconstruction grids (original / masked input / reconstruction)."""
+counts of unreadable files skipped, and reconstruction grids (original / masked input /
+reconstruction)."""
+import errno
 import os
 import time
 from pathlib import Path
@@ -9,6 +11,7 @@ from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.callbacks import Callback
 from torchvision.utils import make_grid, save_image
 
+from fcmae.errors import UserError
 from fcmae.masking import PATCH_SIZE, patchify, unpatchify
 
 
@@ -17,7 +20,8 @@ from fcmae.masking import PATCH_SIZE, patchify, unpatchify
 class AtomicCheckpointIO(TorchCheckpointIO):
     """Writes a checkpoint to `<path>.tmp`, fsyncs it, then renames it over `<path>`: a crash
     or a full disk during a save leaves the previous checkpoint intact. (Lightning's own writer
-    goes through an fsspec transaction, which renames but never fsyncs.)"""
+    goes through an fsspec transaction, which renames but never fsyncs.) A full disk is one
+    line for the user, not a traceback from deep inside torch.save."""
 
     def save_checkpoint(self, checkpoint, path, storage_options=None):
         path = Path(path)
@@ -29,14 +33,29 @@ class AtomicCheckpointIO(TorchCheckpointIO):
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, path)  # atomic on POSIX: readers see the old file or the new one
-        except BaseException:
+        except BaseException as e:
             tmp.unlink(missing_ok=True)
+            cause = os_error(e)
+            if cause is not None and cause.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise UserError(f"no space left on device while saving {path}: free space or point --output "
+                                f"elsewhere; the previous checkpoint is intact") from e
+            if cause is not None:
+                raise UserError(f"cannot write {path} ({cause}): check the disk, or point --output elsewhere; "
+                                f"the previous checkpoint is intact") from e
             raise
         dir_fd = os.open(path.parent, os.O_RDONLY)  # make the rename itself durable
         try:
             os.fsync(dir_fd)
         finally:
             os.close(dir_fd)
+
+
+def os_error(e):
+    """The OSError behind `e`, if any: torch.save's zip writer may replace a failed write's
+    OSError (e.g. ENOSPC) with a RuntimeError of its own while closing the file."""
+    while e is not None and not isinstance(e, OSError):
+        e = e.__cause__ or e.__context__
+    return e
 
 
 class LastCheckpoint(Callback):
@@ -66,6 +85,31 @@ class LastCheckpoint(Callback):
 
     def on_train_end(self, trainer, pl_module):
         self.save(trainer)  # only if stopped some other way (e.g. a callback) since the last save
+
+
+# ----------------------------------------------------------------------------- skipped files
+
+class SkippedFiles(Callback):
+    """Sums the files skipped as unreadable over each training epoch: logs `data/skipped` and,
+    when there were any, prints a line. The count is the last element of every batch (it was
+    counted in whichever process loaded the sample; the warnings there name the files)."""
+
+    def __init__(self):
+        self.count = 0
+
+    def on_train_epoch_start(self, trainer, pl_module):
+        self.count = 0
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.count = self.count + batch[-1].sum()  # stays on the device: no sync per step
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        count = torch.as_tensor(self.count, dtype=torch.float32, device=pl_module.device)
+        total = int(trainer.strategy.reduce(count, reduce_op="sum"))  # over all ranks
+        pl_module.log("data/skipped", float(total))
+        if total:
+            pl_module.print(f"epoch {trainer.current_epoch}: skipped {total} unreadable files (named in the "
+                            f"warnings above); --strict-data makes a bad file fatal")
 
 
 # ----------------------------------------------------------------------------- throughput

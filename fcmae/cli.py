@@ -2,7 +2,9 @@
 jsonargparse parser) and `run(cfg)`; this file only assembles them and turns `UserError` into
 one line on stderr and exit code 2."""
 import importlib
+import re
 import sys
+from argparse import ArgumentError
 from importlib.resources import files
 
 from jsonargparse import ArgumentParser
@@ -41,10 +43,37 @@ def with_recipe(command, args, default_model):
     return ["--config", recipe_path(command, model)] + args
 
 
+def option_error(message, command):
+    """jsonargparse's error (several lines: `Parser key "x":` then the expected type) -> one line
+    that names the option and points at --help."""
+    message = re.sub(r'^Parser key "([^"]+)":', lambda m: "--" + m[1].replace("_", "-") + ":", message)
+    message = re.sub(r"Expected a typing\.Literal\[(.*?)\]\. Got value: (.*)",
+                     lambda m: f"got '{m[2].strip()}', pass one of {m[1].replace(chr(39), '')}", message, flags=re.S)
+    message = re.sub(r"<class '(\w+)'>", r"\1", message)
+    message = re.sub(r"Does not validate against any of the Union subtypes\s+Subtypes: \[(.*?)\].*Given value: (.*)",
+                     lambda m: f"got '{m[2].strip()}', expected one of {m[1]}", message, flags=re.S)
+    message = re.sub(r"Expected a (\w+)\. Got value: (.*)", lambda m: f"got '{m[2].strip()}', expected {m[1]}",
+                     message, flags=re.S)
+    help_command = f"fcmae {command} --help" if command in COMMANDS else "fcmae --help"
+    return f"{' '.join(message.split())} (see {help_command})"
+
+
+def user_message(e):
+    """A UserError raised in a DataLoader worker comes back wrapped with the worker's traceback:
+    keep its own message, the last line."""
+    text = str(e)
+    if "\nOriginal Traceback" in text:
+        text = text.rstrip().splitlines()[-1].split("UserError: ", 1)[-1]
+    return text
+
+
 def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
-        parser = ArgumentParser(prog="fcmae", description="FCMAE pre-training and fine-tuning of ConvNeXt V2")
+        # exit_on_error=False (subcommands included): a bad option is one line below, not a usage
+        # block and a multi-line message.
+        parser = ArgumentParser(prog="fcmae", description="FCMAE pre-training and fine-tuning of ConvNeXt V2",
+                                exit_on_error=False)
         subcommands = parser.add_subcommands(dest="command")
         modules = {}
         for name, (module_name, help_text) in COMMANDS.items():
@@ -54,8 +83,11 @@ def main(argv=None):
             argv = [argv[0]] + with_recipe(argv[0], argv[1:], modules[argv[0]].DEFAULT_MODEL)
         cfg = parser.parse_args(argv)
         return modules[cfg.command].run(cfg[cfg.command])
+    except ArgumentError as e:
+        print(f"fcmae: error: {option_error(str(e), argv[0] if argv else '')}", file=sys.stderr)
+        sys.exit(2)
     except UserError as e:
-        print(f"fcmae: error: {e}", file=sys.stderr)
+        print(f"fcmae: error: {user_message(e)}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
         print("fcmae: interrupted", file=sys.stderr)

@@ -9,6 +9,12 @@ Sources (`find_source`):
 Files: images (jpg, png, tif, ...) read as RGB (`--in-chans 3`) or grayscale (`--in-chans 1`);
 or `.npy` arrays (C, H, W) for any channel count: float arrays are used as stored (standardize
 your bands beforehand), uint8 arrays are scaled to [0, 1]. More than 3 channels needs `.npy`.
+Grayscale, RGBA, palette, CMYK and 16-bit images are converted (`convert_image`).
+
+A file that cannot be read (corrupt, truncated, not an image, unreadable) is skipped with a
+warning naming it: the next file stands in for it (`read_or_skip`), and every sample carries how
+many files it skipped, so the training loop can count them per epoch (`SkippedFiles`), whichever
+process loaded them. With `strict` the first bad file is an error instead.
 
 Every sample is addressed by a key `epoch * len(source) + index`, and its augmentation and mask
 are drawn from a generator seeded by (seed, key). With `ResumableSampler` (a permutation per
@@ -16,12 +22,13 @@ are drawn from a generator seeded by (seed, key). With `ResumableSampler` (a per
 and masks the interrupted run would have seen, whatever the number of loader workers.
 """
 import math
+import warnings
 from pathlib import Path
 
 import lightning as L
 import numpy as np
 import torch
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFile
 from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
@@ -32,6 +39,66 @@ from fcmae.masking import PATCH_SIZE, num_visible, random_mask
 
 ARRAY_EXTENSIONS = (".npy",)
 DEMO_IMAGES = 1024  # procedural images in `--data demo`
+MAX_SKIP = 100  # this many unreadable files in a row is not a stray bad file but a broken dataset
+# A truncated file is a bad file: skipped (or fatal with strict), never half an image padded with
+# gray. Pillow's default, set here explicitly because any imported library may flip it globally.
+ImageFile.LOAD_TRUNCATED_IMAGES = False
+
+
+# ----------------------------------------------------------------------------- reading files
+
+class BadFile(Exception):
+    """A sample file that cannot be read; the message names it."""
+
+
+class BadFileWarning(UserWarning):
+    pass
+
+
+def convert_image(img, mode="RGB"):
+    """A PIL image of any mode -> `mode` ("RGB" or "L"), with the values kept right where
+    Pillow's `convert` alone would not: 16-bit images (I;16*, and I as Pillow opens 16-bit files)
+    are scaled to 8 bits rather than clipped at 255; transparent pixels (RGBA, LA, palette or
+    colour-key transparency) are composited on white rather than showing whatever colour they
+    hide. CMYK goes through Pillow's conversion (no ICC colour management, like other loaders)."""
+    if img.mode.startswith("I"):
+        wide = np.asarray(img, dtype=np.float64).clip(0, 65535)
+        img = Image.fromarray(np.rint(wide / 257).astype(np.uint8))  # 65535 -> 255
+    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in img.info:
+        img = Image.alpha_composite(Image.new("RGBA", img.size, "white"), img.convert("RGBA"))
+    return img.convert(mode)
+
+
+def load_image(path, mode="RGB"):
+    """Read and decode one image file fully, or raise BadFile naming it."""
+    try:
+        with Image.open(path) as img:
+            img.load()  # decode now: a truncated or corrupt file fails here, not in a transform
+            return convert_image(img, mode)
+    except (OSError, ValueError, SyntaxError, EOFError) as e:  # what Pillow raises for bad files
+        raise BadFile(f"{path} ({reason(e)})") from e
+
+
+def reason(e):
+    return f"{type(e).__name__}: {str(e).splitlines()[0][:120]}" if str(e) else type(e).__name__
+
+
+def read_or_skip(read, index, size, path_of, strict=False):
+    """(read(i), files skipped) for the first i = index, index + 1, ... (mod size) that reads:
+    a bad file is replaced by the next one, the same one in every process and on every rerun.
+    `strict`: the first bad file is a UserError instead."""
+    for skipped in range(min(size, MAX_SKIP)):
+        i = (index + skipped) % size
+        try:
+            return read(i), skipped
+        except BadFile as e:
+            if strict:
+                raise UserError(f"unreadable file {e}: fix or remove it, or drop --strict-data to skip "
+                                f"bad files with a warning") from None
+            # Once per file and process: Python's warning registry drops repeats of a message.
+            warnings.warn(f"skipping unreadable file {e}", BadFileWarning, stacklevel=2)
+    raise UserError(f"{min(size, MAX_SKIP)} files in a row from {path_of(index)} cannot be read: "
+                    f"check the data folder (the warnings name them)")
 
 
 # ----------------------------------------------------------------------------- sources
@@ -74,52 +141,60 @@ class DemoImages(Dataset):
         y = int(rng.integers(0, s - s // 4))
         for x in range(0, s, period):
             draw.line([(x, y), (x + s // 8, y + s // 4)], fill=(255, 255, 255), width=2)
-        return img.convert(self.mode)
+        return img.convert(self.mode), 0  # (sample, files skipped): never any here
 
 
 class FileSamples(Dataset):
-    """Image files (PIL, RGB or L) or .npy arrays (C, H, W tensors), one sample per file."""
+    """Image files (PIL, RGB or L) or .npy arrays (C, H, W tensors), one sample per file:
+    index -> (sample, files skipped to find a readable one)."""
 
-    def __init__(self, paths, in_chans):
-        self.paths, self.in_chans = paths, in_chans
+    def __init__(self, paths, in_chans, strict=False):
+        self.paths, self.in_chans, self.strict = paths, in_chans, strict
         self.arrays = paths[0].suffix.lower() in ARRAY_EXTENSIONS
 
     def __len__(self):
         return len(self.paths)
 
-    def __getitem__(self, index):
+    def read(self, index):
         path = self.paths[index]
         if self.arrays:
-            return read_array(path)
-        with Image.open(path) as img:
-            return img.convert("L" if self.in_chans == 1 else "RGB")
+            return read_array(path, self.in_chans)
+        return load_image(path, "L" if self.in_chans == 1 else "RGB")
+
+    def __getitem__(self, index):
+        return read_or_skip(self.read, index, len(self), lambda i: self.paths[i], self.strict)
 
 
-def read_array(path):
-    """.npy (C, H, W) -> tensor; uint8 -> float in [0, 1], other dtypes -> float32 as stored."""
-    x = torch.from_numpy(np.load(path))
-    if x.ndim != 3:
-        raise UserError(f"{path}: array of shape {tuple(x.shape)}, expected (C, H, W): save one sample per .npy file")
+def read_array(path, in_chans=None):
+    """.npy (C, H, W) -> tensor; uint8 -> float in [0, 1], other dtypes -> float32 as stored.
+    A file that does not load, or is not (in_chans, H, W), is a BadFile."""
+    try:
+        x = torch.from_numpy(np.load(path))
+    except (OSError, ValueError, EOFError) as e:
+        raise BadFile(f"{path} ({reason(e)})") from e
+    if x.ndim != 3 or (in_chans is not None and x.shape[0] != in_chans):
+        raise BadFile(f"{path} (array of shape {tuple(x.shape)}, expected ({in_chans or 'C'}, H, W): "
+                      f"save one sample per .npy file)")
     return x.float() / 255 if x.dtype == torch.uint8 else x.float()
 
 
 def list_files(root):
-    """The sample files of a data folder: ImageNet train/ layout, class folders, or flat."""
+    """The sample files of a folder: class folders, or flat."""
     extensions = IMG_EXTENSIONS + ARRAY_EXTENSIONS
-    if (root / "train").is_dir():
-        root = root / "train"  # ImageNet-1K: pre-training reads train/ only
-    flat = sorted(p for p in root.iterdir() if p.is_file() and p.suffix.lower() in extensions)
+    # Not only regular files: a broken symlink is listed too, to be skipped with a warning by name.
+    flat = sorted(p for p in root.iterdir() if not p.is_dir() and p.suffix.lower() in extensions)
     if flat:
         return flat
     try:
         _, class_to_idx = find_classes(root)
-        return [Path(p) for p, _ in make_dataset(root, class_to_idx, extensions=extensions)]
-    except (FileNotFoundError, ValueError):
-        return []  # no class folders, or class folders without files
+    except FileNotFoundError:
+        return []  # no class folders
+    # Labels are not used: an empty class folder is harmless here (allow_empty).
+    return [Path(p) for p, _ in make_dataset(root, class_to_idx, extensions=extensions, allow_empty=True)]
 
 
-def find_source(data, in_chans, input_size):
-    """`--data` -> (dataset of PIL images or tensors, whether its samples are .npy arrays)."""
+def find_source(data, in_chans, input_size, strict=False):
+    """`--data` -> (dataset of (PIL image or tensor, files skipped), whether its samples are .npy arrays)."""
     if data == "demo":
         if in_chans not in (1, 3):
             raise UserError(f"--data demo makes RGB or grayscale images, not {in_chans} channels: "
@@ -129,9 +204,13 @@ def find_source(data, in_chans, input_size):
     if not root.is_dir():
         raise UserError(f"data folder '{data}' does not exist: pass --data DIR (DIR/train/<class>/<image>, "
                         f"or a folder of images) or --data demo")
+    if (root / "train").is_dir():
+        root = root / "train"  # ImageNet-1K: pre-training reads train/ only
+    elif (root / "val").is_dir():  # an ImageNet-style root without train/: do not train on val/
+        raise UserError(f"'{data}' has val/ but no train/ folder: pre-training expected {root / 'train'}/<class>/<image>")
     paths = list_files(root)
     if not paths:
-        raise UserError(f"no images or .npy files in '{data}': expected DIR/train/<class>/<image>, "
+        raise UserError(f"no images or .npy files in '{root}': expected DIR/train/<class>/<image>, "
                         f"DIR/<class>/<image> or images directly in DIR")
     arrays = {p.suffix.lower() in ARRAY_EXTENSIONS for p in paths}
     if len(arrays) > 1:
@@ -141,10 +220,13 @@ def find_source(data, in_chans, input_size):
         raise UserError(f"--in-chans {in_chans} needs .npy arrays (C, H, W), one per sample, but '{data}' holds "
                         f"images: convert them, or use --in-chans 3 (RGB) or 1 (grayscale)")
     if arrays:
-        c = read_array(paths[0]).shape[0]
+        try:
+            c = read_array(paths[0]).shape[0]
+        except BadFile as e:
+            raise UserError(f"unreadable array {e}") from None
         if c != in_chans:
             raise UserError(f"{paths[0]} has {c} channels but --in-chans is {in_chans}: pass --in-chans {c}")
-    return FileSamples(paths, in_chans), arrays
+    return FileSamples(paths, in_chans, strict), arrays
 
 
 # ----------------------------------------------------------------------------- views and masks
@@ -171,7 +253,8 @@ def pretrain_transform(input_size, norm):
 
 
 class MaskedViews(Dataset):
-    """key -> (view (C, S, S), mask (S/32, S/32) with 1 = masked), both drawn from (seed, key)."""
+    """key -> (view (C, S, S), mask (S/32, S/32) with 1 = masked), both drawn from (seed, key);
+    `item(key)` also gives the files skipped to find a readable sample (the training loader's)."""
 
     def __init__(self, source, transform, input_size, mask_ratio, seed):
         self.source, self.transform, self.seed = source, transform, seed
@@ -181,14 +264,31 @@ class MaskedViews(Dataset):
         return len(self.source)
 
     def __getitem__(self, key):
-        sample = self.source[key % len(self.source)]
+        return self.item(key)[:2]
+
+    def item(self, key):
+        sample, skipped = self.source[key % len(self.source)]
         # Seed the augmentation per sample: reproducible whichever process draws it. fork_rng
         # keeps the caller's global RNG untouched (with 0 workers that is the training process).
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.seed * 1_000_003 + key)
             view = self.transform(sample)
             mask = random_mask(1, self.grid, self.grid, self.mask_ratio)[0]
-        return view, mask
+        return view, mask, skipped
+
+
+class CountingViews(Dataset):
+    """The training loader's items: (view, mask, files skipped). The count travels with the
+    batch, so it reaches the training process from any loader worker (`SkippedFiles` sums it)."""
+
+    def __init__(self, views):
+        self.views = views
+
+    def __len__(self):
+        return len(self.views)
+
+    def __getitem__(self, key):
+        return self.views.item(key)
 
 
 class ResumableSampler(Sampler):
@@ -220,16 +320,19 @@ class PretrainData(L.LightningDataModule):
     rank its shard of every epoch; after a resume, the rest of the interrupted epoch."""
 
     def __init__(self, data="demo", input_size=224, in_chans=3, mask_ratio=0.6, batch_size=64,
-                 workers=8, seed=0, pin_memory=False):
+                 workers=8, seed=0, pin_memory=False, strict=False):
         super().__init__()
         if input_size % PATCH_SIZE:
             raise UserError(f"--input-size {input_size} is not a multiple of {PATCH_SIZE}: "
                             f"use e.g. {max(PATCH_SIZE, round(input_size / PATCH_SIZE) * PATCH_SIZE)}")
         patches = (input_size // PATCH_SIZE) ** 2
-        if not 0 <= mask_ratio < 1 or num_visible(patches, mask_ratio) < 1:
+        if not 0 < mask_ratio < 1:
+            raise UserError(f"--mask-ratio {mask_ratio} is outside (0, 1): pass the fraction of patches to mask, "
+                            f"e.g. 0.6 (the paper's)")
+        if num_visible(patches, mask_ratio) < 1:
             raise UserError(f"--mask-ratio {mask_ratio} leaves no visible patch of the {patches} in a "
-                            f"{input_size}px crop: use a ratio in [0, 1) and a larger --input-size")
-        source, arrays = find_source(data, in_chans, input_size)
+                            f"{input_size}px crop: use a lower ratio or a larger --input-size")
+        source, arrays = find_source(data, in_chans, input_size, strict)
         self.norm = normalization(in_chans, arrays)  # for un-normalizing reconstructions
         self.dataset = MaskedViews(source, pretrain_transform(input_size, self.norm), input_size, mask_ratio, seed)
         self.batch_size, self.workers, self.seed, self.pin_memory = batch_size, workers, seed, pin_memory
@@ -245,7 +348,7 @@ class PretrainData(L.LightningDataModule):
         epoch, batches_done = self.position(trainer)
         self.sampler.set_epoch(epoch)
         self.sampler.skip = batches_done * self.batch_size
-        return DataLoader(self.dataset, batch_size=self.batch_size, sampler=self.sampler, drop_last=True,
+        return DataLoader(CountingViews(self.dataset), batch_size=self.batch_size, sampler=self.sampler, drop_last=True,
                           num_workers=self.workers, pin_memory=self.pin_memory,
                           persistent_workers=self.workers > 0)
 

@@ -48,8 +48,9 @@ def find_checkpoint(source):
     return path
 
 
-def dense_weights(checkpoint, ema=False):
-    """A loaded checkpoint -> (dense state dict in the public layout, "encoder" | "classifier")."""
+def dense_weights(checkpoint, ema=False, name="this checkpoint"):
+    """A loaded checkpoint -> (dense state dict in the public layout, "encoder" | "classifier");
+    `name`: the file, for messages."""
     state = checkpoint.get("state_dict", checkpoint)
     if any(k.startswith("model.encoder.") for k in state):  # our pre-training run
         if ema:
@@ -63,7 +64,7 @@ def dense_weights(checkpoint, ema=False):
             raise UserError("--ema: this checkpoint holds no EMA weights (model_ema): drop --ema")
         weights = to_dense_encoder(checkpoint["model_ema"] if ema else checkpoint)
     if not weights:
-        raise UserError("no ConvNeXt V2 weights found in this checkpoint: pass an fcmae pre-training or "
+        raise UserError(f"no ConvNeXt V2 weights found in {name}: pass an fcmae pre-training or "
                         "fine-tuning checkpoint, or a release checkpoint")
     return weights, "classifier" if "head.weight" in weights else "encoder"
 
@@ -113,7 +114,10 @@ def export(source, output=None, ema=False):
     except Exception as e:
         raise UserError(f"cannot read {ckpt_path} as a checkpoint ({str(e).splitlines()[0][:100]}): "
                         f"pass a .ckpt or .pth file") from None
-    weights, kind = dense_weights(checkpoint, ema)
+    if not isinstance(checkpoint, dict):
+        raise UserError(f"{ckpt_path} holds a {type(checkpoint).__name__}, not a checkpoint: pass an fcmae "
+                        f"pre-training or fine-tuning checkpoint, or a release checkpoint")
+    weights, kind = dense_weights(checkpoint, ema, ckpt_path)
     if output is None:
         run_dir = ckpt_path.parent.parent if ckpt_path.parent.name == "checkpoints" else ckpt_path.parent
         output = run_dir / f"{kind}.safetensors"

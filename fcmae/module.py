@@ -6,6 +6,8 @@ import lightning as L
 import torch
 from lightning.pytorch.strategies import FSDPStrategy
 
+from fcmae.callbacks import LastCheckpoint
+from fcmae.errors import UserError
 from fcmae.model import FCMAE
 
 
@@ -48,8 +50,9 @@ class PretrainModule(L.LightningModule):
         self.no_weight_decay = no_weight_decay(self.model)
 
     def training_step(self, batch, batch_idx):
-        imgs, mask = batch  # (N, C, H, W), (N, H/32, W/32); masks come with the data (data.py)
+        imgs, mask = batch[0], batch[1]  # (N, C, H, W), (N, H/32, W/32); masks come with the data (data.py)
         loss, _, _ = self.model(imgs, mask)
+        self.stop_unless_finite(loss, "loss")
         self.log("train/loss", loss, prog_bar=True)
         self.log("train/lr", self.optimizers().param_groups[0]["lr"])
         return loss
@@ -60,7 +63,42 @@ class PretrainModule(L.LightningModule):
         norm = torch.nn.utils.get_total_norm(grads)
         if isinstance(self.trainer.strategy, FSDPStrategy):  # each rank holds a shard of the gradients
             norm = self.trainer.strategy.reduce(norm.square(), reduce_op="sum").sqrt()
+        if self.trainer.precision != "16-mixed":  # fp16's loss scaler expects inf gradients and skips the step
+            # A finite loss can still give inf/NaN gradients: stop before they reach the weights
+            # (and a checkpoint).
+            self.stop_unless_finite(norm, "gradient norm")
         self.log("train/grad_norm", norm)
+
+    def stop_unless_finite(self, value, what):
+        """Raise a one-line UserError if `value` is NaN/inf on any rank (all ranks agree, so none
+        is left waiting in a collective). It is raised before this step's optimizer update and
+        before any checkpoint of it, so last.ckpt keeps the last good state."""
+        if self.trainer.strategy.reduce_boolean_decision(bool(torch.isfinite(value).all()), all=True):
+            return
+        step = self.trainer.global_step + 1  # global_step counts finished optimizer steps
+        last = next((cb for cb in self.trainer.callbacks if isinstance(cb, LastCheckpoint)), None)
+        if last is not None and last.saved_step and last.path.is_file():
+            where = f"the last good checkpoint is {last.path} (step {last.saved_step})"
+        else:
+            where = "no checkpoint was saved before it"
+        raise UserError(f"non-finite {what} ({value.item():g}) at step {step}: training stopped; {where}. "
+                        f"Rerun the same command with a lower lr to resume from it, e.g. --lr {self.hparams.lr / 2:.3g} "
+                        f"(half of {self.hparams.lr:.3g})")
+
+    def on_load_checkpoint(self, checkpoint):
+        """Resuming with another --lr/--blr (e.g. lower, after a non-finite loss) must change
+        the lr: the optimizer and the scheduler states in the checkpoint carry the old one
+        (param_groups' lr, LambdaLR's base_lrs), and Lightning restores them after this hook."""
+        lr = self.hparams.lr
+        for scheduler in checkpoint.get("lr_schedulers", []):
+            if "base_lrs" in scheduler:
+                scheduler["base_lrs"] = [lr] * len(scheduler["base_lrs"])
+        for optimizer in checkpoint.get("optimizer_states", []):
+            for group in optimizer.get("param_groups", []):
+                old = group.get("initial_lr")
+                if old and old != lr:
+                    group["lr"] = group["lr"] * lr / old  # the same point of the schedule
+                    group["initial_lr"] = lr
 
     def configure_optimizers(self):
         hp = self.hparams

@@ -24,7 +24,7 @@ from jsonargparse import ActionConfigFile, ActionYesNo, ArgumentParser
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar
 
-from fcmae.callbacks import AtomicCheckpointIO, LastCheckpoint, Reconstructions, Throughput
+from fcmae.callbacks import AtomicCheckpointIO, LastCheckpoint, Reconstructions, SkippedFiles, Throughput
 from fcmae.data import PretrainData
 from fcmae.encoders import SIZES, resolve_backend
 from fcmae.errors import UserError
@@ -64,6 +64,9 @@ def build_parser():
     g.add_argument("--data", type=str, default="demo",
                    help="'demo' (built-in images), DIR/train/<class>/<image> (ImageNet), or a folder of images/.npy")
     g.add_argument("--workers", type=int, default=8, help="data loader processes per device")
+    g.add_argument("--strict-data", action="store_true",
+                   help="stop at the first unreadable file (default: skip it with a warning naming it, "
+                        "count skips per epoch as data/skipped)")
     g = p.add_argument_group("optimization")
     g.add_argument("--batch-size", type=int, default=64, help="images per device per step")
     g.add_argument("--accumulate", type=int, default=1, help="gradient accumulation steps")
@@ -126,6 +129,26 @@ def recipe_values(cfg):
     return build_parser().parse_args(args)
 
 
+def check(cfg):
+    """Cheap checks of the options, before any data is scanned or model built."""
+    for name in ("batch_size", "accumulate", "log_every", "vis_every", "ckpt_every", "save_every_epochs", "epochs"):
+        if cfg[name] < 1:
+            raise UserError(f"--{name.replace('_', '-')} {cfg[name]}: must be at least 1")
+    if cfg.workers < 0:
+        raise UserError(f"--workers {cfg.workers}: must be 0 (load in the training process) or more")
+    if cfg.backend == "minkowski":
+        require_backend("minkowski")
+
+
+def require_backend(name):
+    if name == "minkowski":
+        from fcmae.encoders.minkowski import require_minkowski
+        try:
+            require_minkowski()
+        except ImportError as e:
+            raise UserError(str(e)) from None
+
+
 def resume_path(cfg):
     """The checkpoint to continue from, or None; refuses a run directory of a different model."""
     if cfg.no_resume:
@@ -143,7 +166,7 @@ def resume_path(cfg):
     except Exception as e:
         raise UserError(f"cannot read {path} ({str(e).splitlines()[0][:100]}): pass an fcmae pretrain "
                         f"checkpoint to --resume, or --no-resume to start over") from None
-    if "loops" not in checkpoint:
+    if not isinstance(checkpoint, dict) or "loops" not in checkpoint:
         raise UserError(f"{path} is not a Lightning checkpoint of `fcmae pretrain`: pass one to --resume "
                         f"(<run>/checkpoints/last.ckpt), or --no-resume")
     saved = checkpoint.get("hyper_parameters", {})
@@ -176,6 +199,7 @@ def make_trainer(cfg, out):
     ckpt_dir = out / "checkpoints"
     callbacks = [
         LastCheckpoint(ckpt_dir, cfg.ckpt_every),
+        SkippedFiles(),
         ModelCheckpoint(ckpt_dir, filename="step{step:07d}", auto_insert_metric_name=False, save_top_k=-1,
                         every_n_epochs=cfg.save_every_epochs, save_on_train_epoch_end=True,
                         enable_version_counter=False),
@@ -198,9 +222,10 @@ def make_trainer(cfg, out):
 def fit(cfg):
     """Train; returns (trainer, module). `run` is the command; this is for tests and scripts."""
     cfg = resolve(cfg)
+    check(cfg)
     out = Path(cfg.output)
     data = PretrainData(cfg.data, cfg.input_size, cfg.in_chans, cfg.mask_ratio, cfg.batch_size,
-                        cfg.workers, cfg.seed, pin_memory=torch.cuda.is_available())
+                        cfg.workers, cfg.seed, pin_memory=torch.cuda.is_available(), strict=cfg.strict_data)
     ckpt_path = resume_path(cfg)
 
     trainer = make_trainer(cfg, out)
@@ -218,6 +243,7 @@ def fit(cfg):
                 "lr": cfg.lr if cfg.lr is not None else cfg.blr * eff_batch / 256,
                 "steps_per_epoch": steps_per_epoch, "total_steps": cfg.epochs * steps_per_epoch,
                 "warmup_steps": round(cfg.warmup_epochs * steps_per_epoch), "resume_from": ckpt_path}
+    require_backend(resolved["backend"])  # `auto` may have picked it
     if trainer.is_global_zero:
         print(yaml.safe_dump(resolved, sort_keys=False), end="", flush=True)
     if cfg.dry_run:

@@ -21,7 +21,7 @@ from jsonargparse import ActionConfigFile, ActionYesNo, ArgumentParser
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
 
-from fcmae.callbacks import AtomicCheckpointIO
+from fcmae.callbacks import AtomicCheckpointIO, SkippedFiles
 from fcmae.encoders import ConvNeXtV2
 from fcmae.encoders.convnextv2 import size_config
 from fcmae.errors import UserError
@@ -54,6 +54,9 @@ def build_parser():
     g = p.add_argument_group("data and augmentation")
     g.add_argument("--data", type=Optional[str], default=None, help="folder with train/ and val/ class folders")
     g.add_argument("--workers", type=int, default=8, help="data loader processes per device")
+    g.add_argument("--strict-data", action="store_true",
+                   help="stop at the first unreadable image (default: skip it with a warning naming it, "
+                        "count skips per epoch as data/skipped)")
     g.add_argument("--aa", type=Optional[str], default="rand-m9-mstd0.5-inc1", help="timm RandAugment policy (null: off)")
     g.add_argument("--reprob", type=float, default=0.25, help="random erasing probability")
     g.add_argument("--mixup", type=float, default=0.8, help="Mixup alpha (0: off)")
@@ -144,7 +147,15 @@ def resume_path(cfg, output):
         path = output / "checkpoints" / "last.ckpt"
         if not path.is_file():
             return None
-    saved = torch.load(path, map_location="cpu", weights_only=False, mmap=True).get("hyper_parameters", {})
+    try:  # mmap: only the hyperparameters are read here
+        checkpoint = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+    except Exception as e:
+        raise UserError(f"cannot read {path} ({str(e).splitlines()[0][:100]}): pass an fcmae finetune "
+                        f"checkpoint to --resume, or --no-resume to start over") from None
+    if not isinstance(checkpoint, dict) or "loops" not in checkpoint:
+        raise UserError(f"{path} is not a Lightning checkpoint of `fcmae finetune`: pass one to --resume "
+                        f"(<run>/checkpoints/last.ckpt), or --no-resume")
+    saved = checkpoint.get("hyper_parameters", {})
     for key, value in (("arch", cfg.model), ("in_chans", cfg.in_chans), ("linear_probe", cfg.linear_probe)):
         if key in saved and saved[key] != value:
             raise UserError(f"{path} was trained with {key}={saved[key]}, this run asks for {value}: "
@@ -156,6 +167,13 @@ def check(cfg):
     """Cheap checks of the options, before any data is scanned."""
     if not cfg.data:
         raise UserError("no --data given: pass a folder holding train/<class>/<image> and val/<class>/<image>")
+    for name in ("batch_size", "epochs", "log_every"):
+        if cfg[name] < 1:
+            raise UserError(f"--{name.replace('_', '-')} {cfg[name]}: must be at least 1")
+    if cfg.accumulate is not None and cfg.accumulate < 1 or (cfg.effective_batch or 1) < 1:
+        raise UserError("--accumulate and --effective-batch must be at least 1 (or null)")
+    if cfg.workers < 0:
+        raise UserError(f"--workers {cfg.workers}: must be 0 (load in the training process) or more")
     try:
         depths, _ = size_config(cfg.model)
     except (ValueError, KeyError, TypeError) as e:
@@ -244,9 +262,10 @@ def train(cfg):
     L.seed_everything(cfg.seed, workers=True, verbose=False)
 
     train_set = data.image_folder(cfg.data, "train", data.train_transform(cfg.input_size, cfg.in_chans, rv["aa"],
-                                                                          rv["reprob"]), cfg.in_chans)
+                                                                          rv["reprob"]), cfg.in_chans,
+                                  cfg.strict_data)
     val_set = data.image_folder(cfg.data, "val", data.eval_transform(cfg.input_size, cfg.in_chans, cfg.crop_pct),
-                                cfg.in_chans)
+                                cfg.in_chans, cfg.strict_data)
     data.check_classes(train_set, val_set)
     world = rv["world_size"]
     if len(train_set) < cfg.batch_size * world:
@@ -275,7 +294,7 @@ def train(cfg):
         accelerator=cfg.accelerator, devices=cfg.devices, num_nodes=cfg.num_nodes, precision=rv["precision"],
         max_epochs=rv["epochs"], max_steps=cfg.max_steps, accumulate_grad_batches=rv["accumulate"],
         logger=TensorBoardLogger(output, name="tensorboard", version=""),
-        callbacks=[ModelCheckpoint(output / "checkpoints", save_last=True, save_top_k=0), summary],
+        callbacks=[ModelCheckpoint(output / "checkpoints", save_last=True, save_top_k=0), SkippedFiles(), summary],
         plugins=[AtomicCheckpointIO()], log_every_n_steps=cfg.log_every, default_root_dir=output)
     if trainer.is_global_zero:
         output.mkdir(parents=True, exist_ok=True)

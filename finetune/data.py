@@ -1,5 +1,8 @@
 """Labeled data: an ImageFolder root with train/ and val/ (one folder per class, ImageNet's
-layout), and the release's transforms built by timm."""
+layout), and the release's transforms built by timm. Images are converted as for pre-training
+(`fcmae.data.convert_image`); an unreadable file is skipped with a warning naming it (the next
+one stands in), and each item carries how many were skipped: (image, label, files skipped)."""
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -9,6 +12,7 @@ from timm.data import auto_augment
 from torch.utils.data import DataLoader
 from torchvision.datasets import ImageFolder
 
+from fcmae.data import load_image, read_or_skip
 from fcmae.errors import UserError
 
 # Grayscale data is normalized with the mean of ImageNet's channel statistics.
@@ -57,16 +61,22 @@ def eval_transform(input_size, in_chans=3, crop_pct=None):
                             crop_mode=crop_mode, mean=mean, std=std)
 
 
-def _loader(in_chans):
-    mode = "RGB" if in_chans == 3 else "L"
+class SkippingImageFolder(ImageFolder):
+    """ImageFolder whose items are (image, label, files skipped): a file the loader cannot read
+    (`BadFile`) is replaced by the next one, or with `strict` is a one-line error."""
 
-    def load(path):
-        with open(path, "rb") as f:
-            return Image.open(f).convert(mode)
-    return load
+    def __init__(self, root, transform, in_chans=3, strict=False):
+        mode = "RGB" if in_chans == 3 else "L"
+        super().__init__(root, transform=transform, loader=partial(load_image, mode=mode))  # picklable for workers
+        self.strict = strict
+
+    def __getitem__(self, index):
+        (image, label), skipped = read_or_skip(super().__getitem__, index, len(self),
+                                               lambda i: self.samples[i][0], self.strict)
+        return image, label, skipped
 
 
-def image_folder(root, split, transform, in_chans=3):
+def image_folder(root, split, transform, in_chans=3, strict=False):
     """`root/split` as an ImageFolder (or `root` itself when it has no `split` folder and
     split is "val", so `fcmae eval --data DIR` also takes a bare class-folder tree)."""
     root = Path(root)
@@ -79,8 +89,9 @@ def image_folder(root, split, transform, in_chans=3):
         else:
             raise UserError(f"--data {root} has no {split}/ folder: expected {root}/{split}/<class>/<image>")
     try:
-        return ImageFolder(str(folder), transform=transform, loader=_loader(in_chans))
+        return SkippingImageFolder(str(folder), transform, in_chans, strict)
     except (FileNotFoundError, RuntimeError) as e:
+        # e.g. an empty class folder: it would shift every label after it, so it is an error here
         raise UserError(f"{folder}: {str(e).splitlines()[0]}: put images in one folder per class") from None
 
 

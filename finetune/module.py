@@ -70,7 +70,7 @@ class FinetuneModule(L.LightningModule):
         return self.model.head(self.feature_bn(features))
 
     def training_step(self, batch, batch_idx):
-        x, y = batch
+        x, y = batch[0], batch[1]  # batch[2]: files skipped (SkippedFiles counts them)
         if self.mixup is not None:
             x, y = self.mixup(x, y)
         loss = self.criterion(self(x), y)
@@ -79,7 +79,7 @@ class FinetuneModule(L.LightningModule):
         return loss
 
     def validation_step(self, batch, batch_idx):
-        x, y = batch
+        x, y = batch[0], batch[1]
         self._evaluate("val", self(x), y)
         if self.model_ema is not None:
             self._evaluate("val_ema", self.model_ema.module(x), y)

@@ -33,7 +33,7 @@ def read_file(path):
     try:
         if path.suffix == ".safetensors":
             return load_file(path)
-        return torch.load(path, map_location="cpu", weights_only=True)
+        obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         if "weights only load failed" not in str(e).lower():
             raise _unreadable(path, e) from None
@@ -43,13 +43,16 @@ def read_file(path):
         except Exception as e2:
             raise _unreadable(path, e2) from None
         print(f"note: {path} holds Python objects besides tensors; loaded it fully (use only files you trust)")
-        return obj
     except Exception as e:  # safetensors' and torch's errors for files of another format
         raise _unreadable(path, e) from None
+    if not isinstance(obj, dict):  # torch.save'd something else, e.g. a tensor or a whole model
+        raise UserError(f"{path} holds a {type(obj).__name__}, not a checkpoint (a dict of weights): "
+                        f"pass a .safetensors, .pth or .ckpt file of ConvNeXt V2 weights")
+    return obj
 
 
 def _unreadable(path, e):
-    return UserError(f"cannot read {path} as a checkpoint ({str(e).splitlines()[0][:120]}): "
+    return UserError(f"cannot read {path} as a checkpoint ({type(e).__name__}: {(str(e).splitlines() or [''])[0][:120]}): "
                      f"pass a .safetensors, .pth or .ckpt file")
 
 
@@ -195,6 +198,9 @@ def load_classifier(path, ema=False):
         if ema and not isinstance(obj.get("model_ema"), dict):
             raise UserError(f"{path} has no model_ema weights: drop --ema")
         state = to_dense_encoder(obj["model_ema"] if ema else obj)
+    if not any(k.startswith("stages.") for k in state):
+        raise UserError(f"no ConvNeXt V2 weights found in {path}: pass a fine-tuning last.ckpt, classifier.safetensors "
+                        f"or a release fine-tuned checkpoint")
     if "head.weight" not in state:
         raise UserError(f"{path} has no classifier head (a pre-trained encoder?): fine-tune it first "
                         f"with `fcmae finetune --pretrained {path}`")
