@@ -7,7 +7,6 @@ MinkowskiEngine, see `tests/test_minkowski.py`).
 """
 import re
 
-import torch
 
 _DWCONV = re.compile(r"stages\.\d+\.\d+\.dwconv\.")
 _DOWNSAMPLE_CONV = re.compile(r"downsample_layers\.[123]\.1\.")

@@ -6,7 +6,6 @@ release's code and, through timm's own filter, into timm's `convnextv2_*` models
 """
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from timm.layers import DropPath, LayerNorm2d, trunc_normal_
 
 # name: (depths, dims)

@@ -6,7 +6,6 @@ reshaped on the fly, so this backend shares the parameter set of the others. Poi
 on the sparse tensor's feature matrix; GRN normalizes per sample (the release's MinkowskiGRN
 normalizes over the whole batch: facts.md).
 """
-import torch
 
 from .convert import downsample_to_minkowski, dwconv_to_minkowski
 from .sparse_convnextv2 import drop_path_rows, layer_norm_rows

@@ -2,7 +2,9 @@
 earlier stages by repetition (`fcmae.encoders.upsample_mask`); patchify/unpatchify."""
 import torch
 
-from fcmae.encoders.sparse_convnextv2 import upsample_mask  # noqa: F401  (re-exported)
+from fcmae.encoders.sparse_convnextv2 import upsample_mask
+
+__all__ = ["PATCH_SIZE", "num_visible", "patchify", "random_mask", "unpatchify", "upsample_mask"]
 
 PATCH_SIZE = 32  # the encoder's total stride: one mask entry per last-stage position
 

@@ -29,6 +29,7 @@ from fcmae.data import PretrainData
 from fcmae.encoders import SIZES, resolve_backend
 from fcmae.errors import UserError
 from fcmae.module import PretrainModule
+from fcmae.runs import make_precision, resume_checkpoint
 
 DEFAULT_MODEL = "atto"
 
@@ -149,34 +150,6 @@ def require_backend(name):
             raise UserError(str(e)) from None
 
 
-def resume_path(cfg):
-    """The checkpoint to continue from, or None; refuses a run directory of a different model."""
-    if cfg.no_resume:
-        return None
-    if cfg.resume != "auto":
-        if not Path(cfg.resume).is_file():
-            raise UserError(f"--resume {cfg.resume}: no such checkpoint file: pass a .ckpt path, or --resume auto")
-        path = Path(cfg.resume)
-    else:
-        path = Path(cfg.output) / "checkpoints" / "last.ckpt"
-        if not path.is_file():
-            return None
-    try:  # mmap: only the hyperparameters are read here, however large the checkpoint
-        checkpoint = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
-    except Exception as e:
-        raise UserError(f"cannot read {path} ({str(e).splitlines()[0][:100]}): pass an fcmae pretrain "
-                        f"checkpoint to --resume, or --no-resume to start over") from None
-    if not isinstance(checkpoint, dict) or "loops" not in checkpoint:
-        raise UserError(f"{path} is not a Lightning checkpoint of `fcmae pretrain`: pass one to --resume "
-                        f"(<run>/checkpoints/last.ckpt), or --no-resume")
-    saved = checkpoint.get("hyper_parameters", {})
-    for key in ("model", "in_chans", "decoder_dim", "decoder_depth"):
-        if key in saved and saved[key] != cfg[key]:
-            raise UserError(f"{path} was trained with {key}={saved[key]}, this run asks for {cfg[key]}: "
-                            f"use another --output, or --no-resume to start over")
-    return str(path)
-
-
 def make_strategy(name, accelerator):
     if name != "fsdp":
         return name  # "auto": Lightning picks DDP when there is more than one device
@@ -187,12 +160,6 @@ def make_strategy(name, accelerator):
     from fcmae.encoders.convnextv2 import Block
     # One FSDP unit per ConvNeXt V2 block; original parameters keep our weight-decay groups.
     return FSDPStrategy(auto_wrap_policy={Block}, use_orig_params=True)
-
-
-def make_precision(precision):
-    if precision != "auto":
-        return precision
-    return "bf16-mixed" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "32"
 
 
 def make_trainer(cfg, out):
@@ -226,7 +193,8 @@ def fit(cfg):
     out = Path(cfg.output)
     data = PretrainData(cfg.data, cfg.input_size, cfg.in_chans, cfg.mask_ratio, cfg.batch_size,
                         cfg.workers, cfg.seed, pin_memory=torch.cuda.is_available(), strict=cfg.strict_data)
-    ckpt_path = resume_path(cfg)
+    ckpt_path = resume_checkpoint("pretrain", cfg.no_resume, cfg.resume, cfg.output,
+                                  {k: cfg[k] for k in ("model", "in_chans", "decoder_dim", "decoder_depth")})
 
     trainer = make_trainer(cfg, out)
     world = trainer.world_size  # devices x nodes

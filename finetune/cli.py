@@ -28,6 +28,7 @@ from fcmae.errors import UserError
 from fcmae.finetune import data, layer_decay
 from fcmae.finetune.module import FinetuneModule
 from fcmae.finetune.weights import classifier_state_dict, load_pretrained, save_classifier
+from fcmae.runs import make_precision, resume_checkpoint
 
 DEFAULT_MODEL = "base"
 
@@ -135,34 +136,6 @@ def model_name(model):
     return model if isinstance(model, str) else "custom"
 
 
-def resume_path(cfg, output):
-    """The checkpoint to continue from, or None; refuses one of another model or data."""
-    if cfg.no_resume:
-        return None
-    if cfg.resume != "auto":
-        if not Path(cfg.resume).is_file():
-            raise UserError(f"--resume {cfg.resume}: no such checkpoint file: pass a .ckpt path, or --resume auto")
-        path = Path(cfg.resume)
-    else:
-        path = output / "checkpoints" / "last.ckpt"
-        if not path.is_file():
-            return None
-    try:  # mmap: only the hyperparameters are read here
-        checkpoint = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
-    except Exception as e:
-        raise UserError(f"cannot read {path} ({str(e).splitlines()[0][:100]}): pass an fcmae finetune "
-                        f"checkpoint to --resume, or --no-resume to start over") from None
-    if not isinstance(checkpoint, dict) or "loops" not in checkpoint:
-        raise UserError(f"{path} is not a Lightning checkpoint of `fcmae finetune`: pass one to --resume "
-                        f"(<run>/checkpoints/last.ckpt), or --no-resume")
-    saved = checkpoint.get("hyper_parameters", {})
-    for key, value in (("arch", cfg.model), ("in_chans", cfg.in_chans), ("linear_probe", cfg.linear_probe)):
-        if key in saved and saved[key] != value:
-            raise UserError(f"{path} was trained with {key}={saved[key]}, this run asks for {value}: "
-                            f"use another --output, or --no-resume to start over")
-    return str(path)
-
-
 def check(cfg):
     """Cheap checks of the options, before any data is scanned."""
     if not cfg.data:
@@ -187,12 +160,6 @@ def check(cfg):
         layer_decay.check(depths, cfg.layer_decay_type)
         if (cfg.mixup > 0 or cfg.cutmix > 0) and cfg.batch_size % 2:
             raise UserError(f"Mixup/CutMix pair up the images of a batch: --batch-size {cfg.batch_size} must be even")
-
-
-def make_precision(precision):
-    if precision != "auto":
-        return precision
-    return "bf16-mixed" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "32"
 
 
 def recipe(cfg):
@@ -255,7 +222,8 @@ def train(cfg):
     warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
     rv = resolve(cfg)
     output = Path(rv["output"])
-    ckpt_path = resume_path(cfg, output)
+    ckpt_path = resume_checkpoint("finetune", cfg.no_resume, cfg.resume, output,
+                                  {"arch": cfg.model, "in_chans": cfg.in_chans, "linear_probe": cfg.linear_probe})
     print(yaml.safe_dump({**rv, "resume_from": ckpt_path}, sort_keys=False), end="", flush=True)
     if cfg.dry_run:
         return None

@@ -15,7 +15,7 @@ from jsonargparse import ActionConfigFile, ArgumentParser
 from fcmae.encoders import ConvNeXtV2
 from fcmae.errors import UserError
 from fcmae.finetune import data
-from fcmae.finetune.cli import make_precision
+from fcmae.runs import make_precision
 from fcmae.finetune.module import FinetuneModule
 from fcmae.finetune.weights import architecture, load_classifier
 
