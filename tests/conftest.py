@@ -2,6 +2,19 @@ import sys
 import warnings
 from pathlib import Path
 
+import pytest
+import torch
+
 sys.path.insert(0, str(Path(__file__).parent))
 # MinkowskiEngine warns on every import that it was built without CUDA.
 warnings.filterwarnings("ignore", message="The MinkowskiEngine was compiled with CPU_ONLY flag")
+
+
+@pytest.fixture
+def one_thread(monkeypatch):
+    """One compute thread: on a shared 2-core machine more threads spin against each other."""
+    threads = torch.get_num_threads()
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -24,13 +24,8 @@ TINY = ["--input-size", "64", "--batch-size", "4", "--decoder-dim", "32", "--wor
 
 
 @pytest.fixture(autouse=True)
-def one_thread(monkeypatch):
-    """One compute thread: on this shared 2-core machine more threads spin against each other."""
-    threads = torch.get_num_threads()
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+def _one_thread(one_thread):
+    """Runs every test here with one compute thread (tests/conftest.py)."""
 
 
 def parse(*args):
