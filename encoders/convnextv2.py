@@ -52,18 +52,14 @@ class GRN(nn.Module):
         return self.gamma * (x * nx) + self.beta + x
 
     def forward_rows(self, x, rows):
-        """x: (M, C) visible rows of the batch; rows: locates them per sample. It needs
-        `per_sample_sum` (M, C) -> (N, C) and `expand` (N, C) -> (M, C); `VisibleRows` also
-        offers the fused `per_sample_norm` and `scale_shift`, used when present."""
-        norm = getattr(rows, "per_sample_norm", None)
-        gx = norm(x) if norm is not None else rows.per_sample_sum(x * x).sqrt()  # (N, C)
+        """x: (M, C) visible rows of the batch; `rows` locates them per sample (`VisibleRows`,
+        or the MinkowskiEngine backend's point groups): `per_sample_norm` (M, C) -> (N, C) and
+        `scale_shift(x, scale (N, C), shift (C,))` = x * scale[sample] + shift."""
+        gx = rows.per_sample_norm(x)  # (N, C)
         nx = gx / (gx.mean(dim=-1, keepdim=True) + self.eps)
         # gamma * (x * nx) + beta + x == x * (gamma * nx + 1) + beta: one fused pass over x.
         scale = torch.addcmul(torch.ones_like(nx), self.gamma.view(1, -1), nx)  # (N, C)
-        scale_shift = getattr(rows, "scale_shift", None)
-        if scale_shift is not None:
-            return scale_shift(x, scale, self.beta.view(-1))
-        return torch.addcmul(self.beta.view(-1), x, rows.expand(scale))
+        return rows.scale_shift(x, scale, self.beta.view(-1))
 
 
 class Block(nn.Module):

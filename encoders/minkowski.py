@@ -7,6 +7,8 @@ on the sparse tensor's feature matrix; GRN normalizes per sample (the release's 
 normalizes over the whole batch: facts.md).
 """
 
+import torch
+
 from .convert import downsample_to_minkowski, dwconv_to_minkowski
 from .sparse_convnextv2 import drop_path_rows, layer_norm_rows
 
@@ -27,11 +29,11 @@ class _SampleGroups:
     def __init__(self, batch, n):
         self.batch, self.n = batch, n
 
-    def per_sample_sum(self, rows):
-        return rows.new_zeros(self.n, rows.shape[1]).index_add_(0, self.batch, rows)
+    def per_sample_norm(self, rows):
+        return rows.new_zeros(self.n, rows.shape[1]).index_add_(0, self.batch, rows * rows).sqrt()
 
-    def expand(self, per_sample):
-        return per_sample.index_select(0, self.batch)
+    def scale_shift(self, rows, scale, shift):
+        return torch.addcmul(shift, rows, scale.index_select(0, self.batch))
 
 
 def _with_kernel(conv, kernel):
