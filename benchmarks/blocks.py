@@ -1,8 +1,8 @@
 """Time ONE ConvNeXt V2 block, forward + backward, per backend, side by side (interleaved rounds,
-median): the per-block figures of the reference measurements ("MinkowskiEngine on these
-machines"), to compare with the whole-step numbers of `fcmae bench`.
+median): the per-block figures of docs/backends.md, to compare with the whole-step numbers of
+`fcmae bench`.
 
-    python benchmarks/blocks.py                       # the facts.md shapes, N=16, 60% masked
+    python benchmarks/blocks.py                       # stage shapes 128x56, 256x28, 512x14; N=16, 60% masked
     python benchmarks/blocks.py --batch 8 --rounds 3 --shapes 128x56 512x14
 
 Backends: dense (the dense-masked reference, `Block.forward(x, visible)`), sparse (the fast path:

@@ -15,7 +15,7 @@ done
 [ -x .venv/bin/python ] || "${PYTHON:-python3}" -m venv .venv
 pip() { .venv/bin/python -m pip "$@"; }
 pip install -q --upgrade pip
-# constraints.txt pins torch/torchvision to the builds verified on our machines (facts.md);
+# constraints.txt pins torch/torchvision to the builds verified on our machines (docs/install.md);
 # pyproject.toml keeps ranges for everyone else.
 pip install -q -c constraints.txt -e ".[test]"
 if [ "$with_minkowski" = 1 ]; then
