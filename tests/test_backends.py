@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from fcmae.encoders import ConvNeXtV2, SparseConvNeXtV2
-from fcmae.masking import random_mask
+from fcmae.masking import random_mask, upsample_mask
 from helpers import TINY, minkowski, randomize_
 
 TOL = 1e-4  # absolute, scaled by the reference's magnitude when that exceeds 1 (fp32)
@@ -131,3 +131,69 @@ def test_bad_backend_and_mask_shape():
         SparseConvNeXtV2(TINY, backend="fast")
     with pytest.raises(ValueError, match="expected mask"):
         SparseConvNeXtV2(TINY)(torch.randn(1, 3, 64, 64), torch.zeros(1, 4, 4))
+
+
+# Per-tensor RELATIVE tolerance: max|a - b| <= RTOL * max|ref| + ATOL. In fp32 (eps 1.2e-7) the
+# backends differ only in summation order; the largest relative difference seen on the TINY size
+# is ~1e-6 (GRN gamma gradients, which sum over every visible position), so 1e-5 leaves a 10x
+# margin, while a zero, halved or sign-flipped tensor is off by a relative 0.5 or more whatever its
+# scale (the absolute TOL above lets a zero gradient pass where the reference's largest entry is
+# 1e-4). ATOL only keeps an all-zero reference from demanding bit equality.
+RTOL, ATOL = 1e-5, 1e-9
+
+
+def assert_relative(actual, expected, what):
+    scale = expected.abs().max().item()
+    diff = (actual - expected).abs().max().item()
+    assert diff <= RTOL * scale + ATOL, f"{what}: max |diff| {diff:.3g} > {RTOL:g} x max |ref| {scale:.3g}"
+
+
+def test_relative_tolerance_catches_a_small_zero_gradient():
+    ref = torch.full((3,), 1e-4)
+    assert_close(torch.zeros(3), ref, "absolute")  # what the absolute tolerance lets through
+    with pytest.raises(AssertionError, match="max |diff|"):
+        assert_relative(torch.zeros(3), ref, "relative")
+    assert_relative(ref * (1 + 1e-6), ref, "round-off")
+
+
+def backend_or_skip(backend):
+    if backend == "minkowski":
+        minkowski()
+
+
+@pytest.mark.parametrize("backend", ["sparse", pytest.param("minkowski", marks=pytest.mark.minkowski)])
+@pytest.mark.parametrize("mask_kind", ["ratio-0.6", "unequal"])
+def test_backend_matches_dense_per_tensor_relative(backend, mask_kind):
+    backend_or_skip(backend)
+    torch.manual_seed(0)
+    encoder = randomize_(SparseConvNeXtV2(TINY, backend="dense"))
+    imgs, mask = torch.randn(3, 3, 96, 128), make_mask(mask_kind, 3, 3, 4, seed=3)
+    ref_out, ref_in_grad, ref_grads = run(encoder, "dense", imgs, mask)
+    out, in_grad, grads = run(encoder, backend, imgs, mask)
+    assert_relative(out, ref_out, "output")
+    assert_relative(in_grad, ref_in_grad, "input gradient")
+    assert grads.keys() == ref_grads.keys()
+    for name, g in ref_grads.items():
+        assert g.abs().max() > 0, f"reference gradient of {name} is zero: the check would be empty"
+        assert_relative(grads[name], g, f"gradient of {name}")
+
+
+@pytest.mark.parametrize("backend", ["dense", "sparse", pytest.param("minkowski", marks=pytest.mark.minkowski)])
+def test_masked_pixels_change_nothing(backend):
+    """Masked patches are invisible: new pixels there change neither the outputs nor the
+    gradients of the parameters or of the visible pixels."""
+    backend_or_skip(backend)
+    torch.manual_seed(0)
+    encoder = randomize_(SparseConvNeXtV2(TINY, backend=backend))
+    imgs, mask = torch.randn(3, 3, 96, 128), make_mask("ratio-0.6", 3, 3, 4, seed=3)
+    masked_pixels = upsample_mask(mask, 32).unsqueeze(1).bool()  # (N, 1, H, W)
+    other = torch.where(masked_pixels, 10 * torch.randn(imgs.shape), imgs)
+    assert (other != imgs).sum() > 0.5 * imgs.numel()  # most pixels did change
+    out, in_grad, grads = run(encoder, backend, imgs, mask)
+    out2, in_grad2, grads2 = run(encoder, backend, other, mask)
+    visible = ~masked_pixels.expand_as(imgs)
+    assert_relative(out2, out, "output")
+    assert_relative(in_grad2[visible], in_grad[visible], "input gradient at visible pixels")
+    assert in_grad[visible].abs().max() > 0
+    for name, g in grads.items():
+        assert_relative(grads2[name], g, f"gradient of {name}")

@@ -1,0 +1,41 @@
+"""`fcmae finetune` resumed: N steps, then the same command with 2N, against 2N straight,
+compared on the weights (tests/test_finetune_run.py checks only the step count)."""
+import pytest
+import torch
+from test_finetune import shapes_dataset
+from test_finetune_run import finetune
+
+pytestmark = pytest.mark.slow
+
+# Crop + flip only, no drop path: what is left to differ is the resume itself.
+PLAIN = ["--epochs", "4", "--lr", "4e-3", "--warmup-epochs", "1", "--ema-decay", "0.9", "--aa", "null",
+         "--reprob", "0", "--mixup", "0", "--cutmix", "0", "--drop-path", "0"]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread(one_thread):
+    """Runs every test here with one compute thread (tests/conftest.py)."""
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "fine-tuning resume is not exact: (1) --max-steps shortens the lr schedule (configure_optimizers "
+    "takes trainer.estimated_stepping_batches, which Lightning caps at max_steps), so the first N steps "
+    "already differ, and the resumed run restores timm's scheduler state (t_initial, warmup_t) from the "
+    "N-step run, so it trains at min_lr; (2) the data order and augmentations come from the global RNGs (DataLoader "
+    "shuffle=True, timm transforms), which Lightning does not checkpoint: the resumed process restarts "
+    "them from seed_everything(seed); (3) resuming from a checkpoint written at an epoch's last batch "
+    "runs an empty epoch, so the epoch count is one ahead of the straight run's"))
+def test_resume_matches_a_straight_run_on_weights(tmp_path):
+    shapes = shapes_dataset(tmp_path / "shapes", per_class=(16, 2))  # 48 train images: 3 steps of 16 per epoch
+    run = lambda out, steps: finetune("--data", str(shapes), "--output", str(tmp_path / out), *PLAIN,
+                                      "--max-steps", str(steps))["module"]
+    straight = run("a", 6)
+    first = {k: v.clone() for k, v in run("b", 3).state_dict().items()}
+    resumed = run("b", 6)
+    assert straight.trainer.global_step == resumed.trainer.global_step == 6
+    a, b = straight.state_dict(), resumed.state_dict()
+    assert a.keys() == b.keys() and any(k.startswith("model_ema.") for k in a)  # the EMA is compared too
+    key = "model.stages.0.0.pwconv1.weight"
+    assert (a[key] - first[key]).abs().max() > 1e-4  # steps N+1..2N move the weights: the check can fail
+    floats = [k for k in a if a[k].is_floating_point()]
+    assert max((a[k] - b[k]).abs().max().item() for k in floats) <= 1e-6  # tolerance: float32 round-off
