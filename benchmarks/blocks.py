@@ -16,8 +16,8 @@ import time
 import torch
 
 from fcmae.encoders.convnextv2 import Block
-from fcmae.encoders.sparse_convnextv2 import VisibleRows, upsample_mask
-from fcmae.masking import random_mask
+from fcmae.encoders.rows import VisibleRows
+from fcmae.masking import random_mask, upsample_mask
 
 
 def sparse_block(block, x_rows, rows):

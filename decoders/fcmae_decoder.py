@@ -5,10 +5,11 @@ import torch.nn as nn
 from timm.layers import trunc_normal_
 
 from fcmae.encoders.convnextv2 import Block, init_weights
+from fcmae.masking import PATCH_SIZE
 
 
 class FCMAEDecoder(nn.Module):
-    def __init__(self, in_dim, decoder_dim=512, decoder_depth=1, patch_size=32, in_chans=3):
+    def __init__(self, in_dim, decoder_dim=512, decoder_depth=1, patch_size=PATCH_SIZE, in_chans=3):
         super().__init__()
         self.proj = nn.Conv2d(in_dim, decoder_dim, kernel_size=1)
         self.mask_token = nn.Parameter(torch.zeros(1, decoder_dim, 1, 1))

@@ -1,4 +1,8 @@
-from .convnextv2 import MODELS, SIZES, ConvNeXtV2, create_model
-from .sparse_convnextv2 import BACKENDS, SparseConvNeXtV2, resolve_backend, upsample_mask
+from fcmae.masking import upsample_mask
 
-__all__ = ["BACKENDS", "MODELS", "SIZES", "ConvNeXtV2", "SparseConvNeXtV2", "create_model", "resolve_backend", "upsample_mask"]
+from .backends import BACKEND_CHOICES, BACKENDS, check_backend, resolve_backend
+from .convnextv2 import MODELS, SIZES, ConvNeXtV2, create_model
+from .sparse_convnextv2 import SparseConvNeXtV2
+
+__all__ = ["BACKENDS", "BACKEND_CHOICES", "MODELS", "SIZES", "ConvNeXtV2", "SparseConvNeXtV2", "check_backend",
+           "create_model", "resolve_backend", "upsample_mask"]

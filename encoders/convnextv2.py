@@ -8,6 +8,8 @@ import torch
 import torch.nn as nn
 from timm.layers import DropPath, LayerNorm2d, trunc_normal_
 
+from fcmae.masking import PATCH_SIZE
+
 # name: (depths, dims)
 SIZES = {
     "atto": ((2, 2, 6, 2), (40, 80, 160, 320)),
@@ -146,8 +148,8 @@ class ConvNeXtV2(nn.Module):
 def check_input(x, in_chans):
     if x.ndim != 4 or x.shape[1] != in_chans:
         raise ValueError(f"expected images (N, {in_chans}, H, W), got {tuple(x.shape)}")
-    if x.shape[2] % 32 or x.shape[3] % 32:
-        raise ValueError(f"image sides must be multiples of 32, got {x.shape[2]}x{x.shape[3]}")
+    if x.shape[2] % PATCH_SIZE or x.shape[3] % PATCH_SIZE:
+        raise ValueError(f"image sides must be multiples of {PATCH_SIZE}, got {x.shape[2]}x{x.shape[3]}")
 
 
 def _register(name):

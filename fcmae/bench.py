@@ -50,6 +50,7 @@ from jsonargparse import ActionYesNo, ArgumentParser
 from fcmae.encoders import BACKENDS, SIZES, resolve_backend
 from fcmae.encoders.convnextv2 import size_config
 from fcmae.errors import UserError
+from fcmae.masking import PATCH_SIZE, check_mask_ratio, random_mask
 
 DEFAULT_MODEL = "tiny"
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -62,9 +63,10 @@ def build_parser():
         "FLOPs and the achieved FLOP/s. Prints a table, then one JSON line."))
     p.add_argument("--model", type=Literal[tuple(SIZES)], default=DEFAULT_MODEL, help="ConvNeXt V2 size")
     p.add_argument("--backends", type=List[Literal[tuple(BACKENDS)]], default=list(BACKENDS),
-                   help="backends to time; one that is not installed (minkowski) is skipped with a note. "
+                   help="backends to time; one that cannot run here (e.g. minkowski not installed) is skipped, with the "
+                        "reason in the table. "
                         "dense is added when missing, as the reference of the ratios")
-    p.add_argument("--input-size", type=int, default=224, help="image side in pixels, a multiple of 32")
+    p.add_argument("--input-size", type=int, default=224, help=f"image side in pixels, a multiple of {PATCH_SIZE}")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--mask-ratio", type=List[float], default=[0.6],
                    help="one or more mask ratios, e.g. [0.4,0.6,0.75]; each gets its own rows")
@@ -89,7 +91,7 @@ def build_parser():
 # FLOPs of the visible-only computation
 
 def visible_flops(model, input_size, batch, mask_ratio, in_chans=3, decoder_dim=512, decoder_depth=1,
-                  patch=32):
+                  patch=PATCH_SIZE):
     """FLOPs (2 per multiply-add) of one training step's useful work: forward, x3 for training.
     Returns a dict with `encoder_fwd`, `decoder_fwd` and `step`."""
     depths, dims = size_config(model)
@@ -121,20 +123,33 @@ def _sync(device):
 
 
 def available_backends(requested, device):
-    """(usable, skipped: {name: reason}); dense first."""
+    """(usable, skipped: {name: reason}); dense first. Asks each backend of the registry."""
     usable, skipped = [], {}
     for name in ["dense"] + [b for b in requested if b != "dense"]:
         if name in usable:
             continue
-        if name == "minkowski":
-            try:
-                from fcmae.encoders.minkowski import require_minkowski
-                require_minkowski()
-            except ImportError as e:
-                skipped[name] = str(e)
-                continue
-        usable.append(name)
+        reason = BACKENDS[name].unavailable(device)
+        if reason is not None:
+            skipped[name] = reason
+        else:
+            usable.append(name)
     return usable, skipped
+
+
+def _attempt(fn, backend, backends, skipped, *args):
+    """fn(backend, *args), or None when it raises RuntimeError: a combination that cannot run here
+    (a kernel without the precision, a non-finite loss) is then dropped from `backends` and
+    reported in `skipped` (and the table) rather than ending the benchmark. dense is the
+    reference of every ratio: its errors propagate."""
+    if backend == "dense":
+        return fn(backend, *args)
+    try:
+        return fn(backend, *args)
+    except RuntimeError as e:
+        skipped[backend] = f"{type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ''}"
+        backends.remove(backend)
+        print(f"note: skipping backend {backend} from here on: {skipped[backend]}", file=sys.stderr)
+        return None
 
 
 class Stepper:
@@ -197,7 +212,8 @@ class Stepper:
 
         n, _, h, w = imgs.shape
         enc = self.model.encoder
-        feats = torch.randn(n, enc.num_features, h // 32, w // 32, device=self.device, requires_grad=True)
+        feats = torch.randn(n, enc.num_features, h // PATCH_SIZE, w // PATCH_SIZE, device=self.device,
+                            requires_grad=True)
         m = mask.to(imgs.dtype)
         _sync(self.device)
         t0 = time.perf_counter()
@@ -247,22 +263,22 @@ def run_bench(cfg):
         raise UserError(f"--device {cfg.device}: choose cpu or cuda[:N]")
     if cfg.precision == "fp16" and device.type != "cuda":
         raise UserError("--precision fp16 needs --device cuda (on CPU use bf16 or fp32)")
-    if cfg.input_size % 32 or cfg.input_size < 32:
-        raise UserError(f"--input-size {cfg.input_size} must be a positive multiple of 32")
+    if cfg.input_size % PATCH_SIZE or cfg.input_size < PATCH_SIZE:
+        raise UserError(f"--input-size {cfg.input_size} must be a positive multiple of {PATCH_SIZE}")
     if cfg.batch_size < 1 or cfg.steps < 1 or cfg.warmup < 0:
         raise UserError("--batch-size and --steps must be >= 1, --warmup >= 0")
-    if not cfg.mask_ratio or any(not 0 <= r < 1 for r in cfg.mask_ratio):
-        raise UserError(f"--mask-ratio {cfg.mask_ratio}: each ratio must be in [0, 1)")
+    grid = cfg.input_size // PATCH_SIZE
+    if not cfg.mask_ratio:
+        raise UserError("--mask-ratio []: pass at least one ratio, e.g. [0.6]")
+    for r in cfg.mask_ratio:
+        try:
+            check_mask_ratio(r, grid * grid, name="--mask-ratio", image=f"a {cfg.input_size}px image")
+        except ValueError as e:
+            raise UserError(str(e)) from None
     backends, skipped = available_backends(cfg.backends, device)
     for name, why in skipped.items():
         print(f"note: skipping backend {name}: {why}", file=sys.stderr)
 
-    from fcmae.masking import num_visible, random_mask
-
-    grid = cfg.input_size // 32
-    for r in cfg.mask_ratio:
-        if num_visible(grid * grid, r) < 1:
-            raise UserError(f"--mask-ratio {r} leaves no visible patch of {grid * grid} at --input-size {cfg.input_size}")
     torch.manual_seed(cfg.seed)
     stepper = Stepper(cfg, device)
     gen = torch.Generator().manual_seed(cfg.seed)
@@ -277,24 +293,28 @@ def run_bench(cfg):
                  for _ in range(cfg.warmup + cfg.steps)]
         times = {b: [] for b in backends}
         opt_times = {b: [] for b in backends}
-        for b in backends:
+        for b in list(backends):
             for k in range(cfg.warmup):
-                stepper.step(b, imgs, masks[k])
+                if _attempt(stepper.step, b, backends, skipped, imgs, masks[k]) is None:
+                    break
         for k in range(cfg.steps):
             mask = masks[cfg.warmup + k]
             order = backends[k % len(backends):] + backends[:k % len(backends)]  # rotate
             for b in order:
-                t, t_opt = stepper.step(b, imgs, mask)
-                times[b].append(t)
-                opt_times[b].append(t_opt)
+                timing = _attempt(stepper.step, b, backends, skipped, imgs, mask)
+                if timing is not None:
+                    times[b].append(timing[0])
+                    opt_times[b].append(timing[1])
             decoder_times.append(stepper.decoder_step(imgs, mask))
             print(f"mask {ratio} round {k + 1}/{cfg.steps}: " +
                   ", ".join(f"{b} {times[b][-1]:.2f}s" for b in backends), file=sys.stderr, flush=True)
         flops = visible_flops(cfg.model, cfg.input_size, cfg.batch_size, ratio, cfg.in_chans)
         dense_median = statistics.median(times["dense"])
-        for b in backends:
+        for b in list(backends):
             med = statistics.median(times[b])
-            peak = stepper.peak_memory(b, imgs, masks[-1]) if cfg.memory else None
+            peak = _attempt(stepper.peak_memory, b, backends, skipped, imgs, masks[-1]) if cfg.memory else None
+            if b not in backends:
+                continue
             rows.append({
                 "backend": b, "mask_ratio": ratio,
                 "images_per_s": cfg.batch_size / med,
@@ -356,6 +376,8 @@ def print_table(result):
         mem = "-" if r["peak_memory_mb"] is None else f"{r['peak_memory_mb']:.0f}"
         print(f"{r['mask_ratio']:>5.2f} {r['backend']:<10} {r['images_per_s']:>8.2f} {r['ratio_to_dense']:>7.2f}x "
               f"{r['step_s']:>8.3f} {r['step_s_min']:>7.3f} {r['optimizer_s']:>7.3f} {mem:>9} {r['gflop_per_s']:>8.1f}")
+    for name, why in result["skipped"].items():
+        print(f"{'':>5} {name:<10} skipped: {why}")
     f = result["visible_flops"]
     print(f"visible-only work per step: {f['step'] / 1e9:.1f} GFLOP (encoder fwd {f['encoder_fwd'] / 1e9:.1f}, "
           f"decoder fwd {f['decoder_fwd'] / 1e9:.1f}; step = 3 x fwd)")

@@ -35,7 +35,7 @@ from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_datas
 from torchvision.transforms import InterpolationMode, v2
 
 from fcmae.errors import UserError
-from fcmae.masking import PATCH_SIZE, num_visible, random_mask
+from fcmae.masking import PATCH_SIZE, check_mask_ratio, random_mask
 
 ARRAY_EXTENSIONS = (".npy",)
 DEMO_IMAGES = 1024  # procedural images in `--data demo`
@@ -326,12 +326,10 @@ class PretrainData(L.LightningDataModule):
             raise UserError(f"--input-size {input_size} is not a multiple of {PATCH_SIZE}: "
                             f"use e.g. {max(PATCH_SIZE, round(input_size / PATCH_SIZE) * PATCH_SIZE)}")
         patches = (input_size // PATCH_SIZE) ** 2
-        if not 0 < mask_ratio < 1:
-            raise UserError(f"--mask-ratio {mask_ratio} is outside (0, 1): pass the fraction of patches to mask, "
-                            f"e.g. 0.6 (the paper's)")
-        if num_visible(patches, mask_ratio) < 1:
-            raise UserError(f"--mask-ratio {mask_ratio} leaves no visible patch of the {patches} in a "
-                            f"{input_size}px crop: use a lower ratio or a larger --input-size")
+        try:
+            check_mask_ratio(mask_ratio, patches, name="--mask-ratio", image=f"a {input_size}px crop")
+        except ValueError as e:
+            raise UserError(str(e)) from None
         source, arrays = find_source(data, in_chans, input_size, strict)
         self.norm = normalization(in_chans, arrays)  # for un-normalizing reconstructions
         self.dataset = MaskedViews(source, pretrain_transform(input_size, self.norm), input_size, mask_ratio, seed)

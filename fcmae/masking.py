@@ -1,27 +1,59 @@
-"""FCMAE masks: random at the last stage (one entry per 32x32 image patch), upsampled to the
-earlier stages by repetition (`fcmae.encoders.upsample_mask`); patchify/unpatchify."""
+"""FCMAE masks: the one home of the patch size, of drawing a mask, of its ratio's validation and
+of its upsampling to the encoder's stages; patchify/unpatchify.
+
+A mask lives on the encoder's last stage: one entry per PATCH_SIZE x PATCH_SIZE image patch,
+1 = masked. The earlier stages see it repeated (`upsample_mask`, `stage_visibility`). This module
+imports no model code: the encoders import it, never the reverse.
+"""
 import torch
 
-from fcmae.encoders.sparse_convnextv2 import upsample_mask
+__all__ = ["PATCH_SIZE", "check_mask_ratio", "num_visible", "patchify", "random_mask", "stage_visibility",
+           "unpatchify", "upsample_mask"]
 
-__all__ = ["PATCH_SIZE", "num_visible", "patchify", "random_mask", "unpatchify", "upsample_mask"]
-
-PATCH_SIZE = 32  # the encoder's total stride: one mask entry per last-stage position
+PATCH_SIZE = 32  # the encoder's total stride (stem 4 x three 2x downsamplings): one mask entry per last-stage position
+STAGE_STRIDES = (4, 8, 16, 32)
 
 
 def num_visible(num_patches, mask_ratio):
     return int(num_patches * (1 - mask_ratio))
 
 
+def check_mask_ratio(ratio, num_patches, *, training=True, name="mask ratio", image=None):
+    """Raise ValueError (one line) unless `ratio` leaves a visible patch of `num_patches` and, for
+    `training`, masks one too (the loss is over the masked patches): 0 < ratio < 1 there, 0 <= ratio
+    < 1 otherwise. `name` and `image` (e.g. "a 64px crop") word the message for a command's flag;
+    command-line callers wrap it in their UserError."""
+    low_ok = ratio > 0 if training else ratio >= 0
+    if not (low_ok and ratio < 1):
+        interval = "(0, 1)" if training else "[0, 1)"
+        raise ValueError(f"{name} {ratio} is outside {interval}: pass the fraction of patches to mask, e.g. 0.6 (the "
+                         f"paper's); it must be in {interval} so that some patches are masked and some visible")
+    if num_visible(num_patches, ratio) < 1:
+        where = f" in {image}" if image else ""
+        raise ValueError(f"{name} {ratio} leaves no visible patch of the {num_patches}{where}: "
+                         f"use a lower ratio or larger images")
+
+
 def random_mask(n, h, w, mask_ratio, device=None, generator=None):
     """(N, h, w) with exactly int(h*w*(1 - ratio)) zeros (visible) per sample, 1 = masked."""
     num_patches = h * w
+    check_mask_ratio(mask_ratio, num_patches, training=False)
     keep = num_visible(num_patches, mask_ratio)
-    if not 0 <= mask_ratio < 1 or keep < 1:
-        raise ValueError(f"mask ratio {mask_ratio} leaves no visible patch of {num_patches}: use a ratio in [0, 1)")
     noise = torch.rand(n, num_patches, device=device, generator=generator)
     ranks = noise.argsort(dim=1).argsort(dim=1)  # each position's rank among its sample's noise
     return (ranks >= keep).float().view(n, h, w)
+
+
+def upsample_mask(mask, scale):
+    """(N, h, w) -> (N, h*scale, w*scale) by repetition: a masked patch covers a
+    (PATCH_SIZE/stride)^2 block of every stage."""
+    return mask.repeat_interleave(scale, dim=1).repeat_interleave(scale, dim=2)
+
+
+def stage_visibility(mask):
+    """Last-stage mask (N, H/32, W/32), 1 = masked -> visible (bool) per stage, strides 4..32."""
+    visible = mask == 0
+    return [upsample_mask(visible, PATCH_SIZE // stride) for stride in STAGE_STRIDES]
 
 
 def patchify(imgs, p=PATCH_SIZE):

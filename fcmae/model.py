@@ -5,18 +5,17 @@ import torch.nn as nn
 from fcmae.decoders import FCMAEDecoder
 from fcmae.encoders import SparseConvNeXtV2
 from fcmae.loss import masked_patch_loss
-from fcmae.masking import PATCH_SIZE, patchify, random_mask
+from fcmae.masking import PATCH_SIZE, check_mask_ratio, patchify, random_mask
 
 
 class FCMAE(nn.Module):
     def __init__(self, model="atto", backend="dense", in_chans=3, img_size=224, mask_ratio=0.6,
                  norm_pix_loss=True, decoder_depth=1, decoder_dim=512, drop_path_rate=0.0):
         super().__init__()
-        if not 0 <= mask_ratio < 1:
-            raise ValueError(f"mask_ratio must be in [0, 1), got {mask_ratio}")
         sides = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
         if any(s % PATCH_SIZE for s in sides):
             raise ValueError(f"img_size {img_size} must be a multiple of {PATCH_SIZE}")
+        check_mask_ratio(mask_ratio, (sides[0] // PATCH_SIZE) * (sides[1] // PATCH_SIZE))
         self.img_size, self.in_chans = sides, in_chans
         self.mask_ratio, self.norm_pix_loss = mask_ratio, norm_pix_loss
         self.encoder = SparseConvNeXtV2(model, in_chans, drop_path_rate, backend)

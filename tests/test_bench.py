@@ -55,3 +55,33 @@ def test_bench_user_errors(args, match):
         pytest.skip("a CUDA device is present")
     with pytest.raises(UserError, match=match):
         bench.run(parse(["--model", "atto", "--steps", "1", "--warmup", "0", *args]))
+
+
+class _Broken:
+    """A backend that cannot run this combination: its kernels raise, as MinkowskiEngine's did
+    under autocast before its convolutions ran in float32."""
+    name = "minkowski"
+
+    def __init__(self, reason=None):
+        self.reason = reason
+
+    def unavailable(self, device=None):
+        return self.reason
+
+    def forward(self, encoder, imgs, visible):
+        raise RuntimeError("convolution_cpu.cpp:63, assertion failed. type mismatch")
+
+
+@pytest.mark.parametrize("reason", [None, "backend 'minkowski' needs MinkowskiEngine, which is not installed"])
+def test_bench_marks_a_backend_that_cannot_run_skipped(monkeypatch, capsys, reason):
+    """Not installed (the registry says why) or failing at its first step: the backend is
+    listed as skipped with the reason, in the table and the JSON; the others are timed."""
+    from fcmae.encoders import BACKENDS
+    monkeypatch.setitem(BACKENDS, "minkowski", _Broken(reason))
+    result = bench.run_bench(parse(["--model", "atto", "--input-size", "64", "--batch-size", "2", "--steps", "2",
+                                    "--warmup", "0", "--no-memory", "--backends", "[dense,sparse,minkowski]"]))
+    assert [r["backend"] for r in result["results"]] == ["dense", "sparse"]
+    expected = reason or "RuntimeError: convolution_cpu.cpp:63, assertion failed. type mismatch"
+    assert result["skipped"] == {"minkowski": expected}
+    table = capsys.readouterr().out
+    assert f"minkowski  skipped: {expected}" in table
