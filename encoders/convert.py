@@ -113,14 +113,37 @@ def fcmae_to_release(state_dict):
     return out
 
 
+_FROM_TIMM = ((r"^stem\.", "downsample_layers.0."), (r"^stages\.(\d+)\.downsample\.", r"downsample_layers.\1."),
+              (r"^stages\.(\d+)\.blocks\.(\d+)\.", r"stages.\1.\2."), (r"\.conv_dw\.", ".dwconv."),
+              (r"\.mlp\.fc(\d)\.", r".pwconv\1."), (r"\.mlp\.grn\.weight$", ".grn.gamma"),
+              (r"\.mlp\.grn\.bias$", ".grn.beta"), (r"^head\.norm\.", "norm."), (r"^head\.fc\.", "head."))
+
+
+def from_timm(state_dict):
+    """timm's own `convnextv2_*` keys (stem.*, stages.S.blocks.B.conv_dw / mlp.fc1 / mlp.grn, head.fc)
+    -> the public dense layout; other state dicts pass through unchanged."""
+    if "stem.0.weight" not in state_dict:
+        return state_dict
+    out = {}
+    for k, v in state_dict.items():
+        for pattern, repl in _FROM_TIMM:
+            k = re.sub(pattern, repl, k)
+        if re.search(r"\.pwconv\d\.weight$", k) and v.ndim == 4:
+            v = v.flatten(1)  # timm's 1x1 convolutions (C_out, C_in, 1, 1) -> Linear (C_out, C_in)
+        elif k.endswith(("grn.gamma", "grn.beta")):
+            v = v.reshape(1, 1, 1, -1)
+        out[k] = v
+    return out
+
+
 def to_dense_encoder(state_dict):
     """Any supported pre-training or dense checkpoint -> keys of our dense `ConvNeXtV2`.
 
     Accepts: our FCMAE model or Lightning checkpoint (`encoder.*`, `model.encoder.*`), the
     release's MinkowskiEngine-layout pre-training checkpoints, dense checkpoints in the public
-    layout (with `norm.*`/`head.*`). Decoder keys are dropped.
+    layout (with `norm.*`/`head.*`), timm's own layout. Decoder keys are dropped.
     """
-    state_dict = unwrap(state_dict)
+    state_dict = from_timm(unwrap(state_dict))
     state_dict = {k.removeprefix("module.").removeprefix("model."): v for k, v in state_dict.items()}
     if any(k.startswith("encoder.") for k in state_dict):
         state_dict = {k[len("encoder."):]: v for k, v in state_dict.items() if k.startswith("encoder.")}

@@ -1,8 +1,6 @@
 """Trainer add-ons for pre-training: crash-safe checkpoint files, last.ckpt upkeep, images/s,
 counts of unreadable files skipped, and reconstruction grids (original / masked input /
 reconstruction)."""
-import errno
-import os
 import time
 from pathlib import Path
 
@@ -11,51 +9,23 @@ from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.callbacks import Callback
 from torchvision.utils import make_grid, save_image
 
-from fcmae.errors import UserError
+from fcmae.checkpoints import load, save_torch
 from fcmae.masking import PATCH_SIZE, patchify, unpatchify
 
 
 # ----------------------------------------------------------------------------- checkpoints
 
 class AtomicCheckpointIO(TorchCheckpointIO):
-    """Writes a checkpoint to `<path>.tmp`, fsyncs it, then renames it over `<path>`: a crash
-    or a full disk during a save leaves the previous checkpoint intact. (Lightning's own writer
-    goes through an fsspec transaction, which renames but never fsyncs.) A full disk is one
-    line for the user, not a traceback from deep inside torch.save."""
+    """Lightning's checkpoint files through fcmae.checkpoints: saved atomically with fsync (a
+    crash or a full disk during a save leaves the previous checkpoint intact; Lightning's own
+    writer renames but never fsyncs), loaded without running code from the file."""
 
     def save_checkpoint(self, checkpoint, path, storage_options=None):
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        try:
-            with open(tmp, "wb") as f:
-                torch.save(checkpoint, f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)  # atomic on POSIX: readers see the old file or the new one
-        except BaseException as e:
-            tmp.unlink(missing_ok=True)
-            cause = os_error(e)
-            if cause is not None and cause.errno in (errno.ENOSPC, errno.EDQUOT):
-                raise UserError(f"no space left on device while saving {path}: free space or point --output "
-                                f"elsewhere; the previous checkpoint is intact") from e
-            if cause is not None:
-                raise UserError(f"cannot write {path} ({cause}): check the disk, or point --output elsewhere; "
-                                f"the previous checkpoint is intact") from e
-            raise
-        dir_fd = os.open(path.parent, os.O_RDONLY)  # make the rename itself durable
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+        save_torch(checkpoint, path)
 
-
-def os_error(e):
-    """The OSError behind `e`, if any: torch.save's zip writer may replace a failed write's
-    OSError (e.g. ENOSPC) with a RuntimeError of its own while closing the file."""
-    while e is not None and not isinstance(e, OSError):
-        e = e.__cause__ or e.__context__
-    return e
+    def load_checkpoint(self, path, map_location=None, weights_only=None):
+        # weights_only=False is Lightning's way of saying the file is trusted.
+        return load(path, trust=weights_only is False)
 
 
 class LastCheckpoint(Callback):

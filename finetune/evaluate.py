@@ -12,12 +12,12 @@ from typing import Literal, Optional, Union
 import lightning as L
 from jsonargparse import ActionConfigFile, ArgumentParser
 
+from fcmae.checkpoints import read_weights
 from fcmae.encoders import ConvNeXtV2
 from fcmae.errors import UserError
 from fcmae.finetune import data
-from fcmae.runs import make_precision
 from fcmae.finetune.module import FinetuneModule
-from fcmae.finetune.weights import architecture, load_classifier
+from fcmae.runs import make_precision
 
 
 def build_parser():
@@ -27,6 +27,9 @@ def build_parser():
                    help="last.ckpt, classifier.safetensors or a release fine-tuned checkpoint")
     p.add_argument("--data", type=Optional[str], default=None, help="folder with val/ (or a folder of class folders)")
     p.add_argument("--ema", action="store_true", help="evaluate the EMA weights of the checkpoint")
+    p.add_argument("--trust-checkpoint", action="store_true",
+                   help="load a torch file that needs full unpickling: runs code from the file, so only for "
+                        "files you trust")
     p.add_argument("--input-size", type=Optional[int], default=None, help="default: the training run's, else 224")
     p.add_argument("--crop-pct", type=Optional[float], default=None, help="resize = input / crop_pct (default 224/256)")
     p.add_argument("--batch-size", type=int, default=64, help="per device")
@@ -43,20 +46,22 @@ def evaluate(cfg):
     """Returns {"top1", "top5", "loss", "images"}."""
     if not cfg.checkpoint or not cfg.data:
         raise UserError("fcmae eval needs --checkpoint FILE and --data DIR")
-    state, meta = load_classifier(cfg.checkpoint, cfg.ema)
-    model, in_chans, num_classes = architecture(state)
+    weights = read_weights(cfg.checkpoint, cfg.ema, cfg.trust_checkpoint)
+    model, in_chans, num_classes, classes = weights.model, weights.in_chans, weights.num_classes, weights.classes
+    if not num_classes:
+        raise UserError(f"{cfg.checkpoint} has no classifier head (a pre-trained encoder?): fine-tune it first "
+                        f"with `fcmae finetune --pretrained {cfg.checkpoint}`")
     data.check_in_chans(in_chans)
-    input_size = cfg.input_size or meta.get("input_size") or 224
-    crop_pct = cfg.crop_pct if cfg.crop_pct is not None else meta.get("crop_pct")
+    input_size = cfg.input_size or weights.meta.get("input_size") or 224
+    crop_pct = cfg.crop_pct if cfg.crop_pct is not None else weights.meta.get("crop_pct")
     val = data.image_folder(cfg.data, "val", data.eval_transform(input_size, in_chans, crop_pct), in_chans)
-    classes = meta.get("classes")
-    if len(val.classes) != num_classes or (classes and list(classes) != val.classes):
+    if len(val.classes) != num_classes or (classes and classes != val.classes):
         raise UserError(f"{cfg.data}: {len(val.classes)} class folders, but the classifier has {num_classes} "
                         f"outputs{' for other class names' if len(val.classes) == num_classes else ''}: "
                         f"pass the data it was trained on")
 
     classifier = ConvNeXtV2(model, in_chans, num_classes)
-    classifier.load_state_dict(state)
+    classifier.load_state_dict(weights.state)
     trainer = L.Trainer(accelerator=cfg.accelerator, devices=cfg.devices, num_nodes=cfg.num_nodes, logger=False,
                         enable_checkpointing=False, precision=make_precision(cfg.precision))
     metrics = trainer.validate(FinetuneModule(classifier), data.loader(val, cfg.batch_size, cfg.workers, train=False),

@@ -21,7 +21,8 @@ from fcmae.errors import UserError
 from fcmae.finetune import data, layer_decay
 from fcmae.finetune.cli import DEFAULT_MODEL, batch_plan, build_parser, resolve
 from fcmae.finetune.module import FinetuneModule
-from fcmae.finetune.weights import classifier_state_dict, load_classifier, load_pretrained, save_classifier
+from fcmae.checkpoints import classifier_state_dict, read_weights, save_weights
+from fcmae.finetune.weights import load_pretrained
 from fcmae.cli import with_recipe
 
 COLORS = {"blue_triangle": (40, 70, 220), "green_square": (40, 200, 60), "red_circle": (220, 40, 40)}
@@ -269,8 +270,10 @@ def test_timm_loads_the_exported_classifier_with_its_head(tmp_path):
     torch.manual_seed(2)
     ours = randomize_(ConvNeXtV2("atto", num_classes=7)).eval()
     path = tmp_path / "classifier.safetensors"
-    save_classifier(path, ours.state_dict(), kind="classifier", classes=list("abcdefg"))
-    state, meta = load_classifier(path)
+    save_weights(path, ours.state_dict(), {"kind": "classifier", "classes": list("abcdefg")})
+    weights = read_weights(path)
+    state, meta = weights.state, weights.meta
+    assert (weights.kind, weights.model, weights.num_classes, weights.classes) == ("classifier", "atto", 7, list("abcdefg"))
     assert (meta["model"], meta["num_classes"], meta["classes"]) == ("atto", 7, list("abcdefg"))
     theirs = timm.create_model("convnextv2_atto", pretrained=False, num_classes=7).eval()
     result = theirs.load_state_dict(checkpoint_filter_fn(state, theirs), strict=True)

@@ -80,6 +80,74 @@ def test_a_bad_checkpoint_file_is_one_clear_error(fcmae, real_checkpoint, tmp_pa
     assert not (tmp_path / "encoder.safetensors").exists()
 
 
+class Touch:
+    """Unpickling this calls pathlib.Path.touch(marker): code run by merely loading the file."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return Path.touch, (Path(self.marker),)
+
+
+@pytest.mark.parametrize("where", ["export", "eval", "finetune --pretrained", "export --trust-checkpoint"])
+def test_a_checkpoint_that_would_run_code_is_refused_before_it_runs(fcmae, tmp_path, where):
+    """A .pth of real-looking weights whose pickle creates a marker file when loaded: no command
+    that takes weights loads it, only --trust-checkpoint gets past (and then the code does run)."""
+    from fcmae.encoders import ConvNeXtV2
+    marker, path = tmp_path / "marker", tmp_path / "downloaded.pth"
+    torch.save({"model": ConvNeXtV2("atto", num_classes=2).state_dict(), "payload": Touch(marker)}, path)
+    data = labeled_folder(tmp_path / "data")
+    if where.startswith("export"):
+        argv = ["export", path, "--output", tmp_path / "out.safetensors", *where.split()[1:]]
+    elif where == "eval":
+        argv = ["eval", "--checkpoint", path, "--data", data, "--workers", "0", "--accelerator", "cpu"]
+    else:
+        argv = ["finetune", *FINETUNE, "--model", "atto", "--data", data, "--pretrained", path,
+                "--output", tmp_path / "run"]
+    code, err = fcmae(*argv)
+    if where == "export --trust-checkpoint":
+        assert code == 0 and marker.exists() and (tmp_path / "out.safetensors").is_file()
+        return
+    line = error_line(err)
+    assert code == 2 and not marker.exists(), line
+    assert str(path) in line and "--trust-checkpoint (runs code from the file)" in line
+    assert not (tmp_path / "out.safetensors").exists() and not (tmp_path / "run").exists()
+
+
+@pytest.fixture(scope="module")
+def finetune_checkpoint(tmp_path_factory):
+    """A last.ckpt of a 2-step tiny fine-tuning run with its EMA, as `fcmae finetune` writes it."""
+    from fcmae.cli import recipe_path
+    from fcmae.finetune.cli import build_parser, train
+    out = tmp_path_factory.mktemp("ft")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    args = [recipe_path("finetune", "atto") if a == "__ATTO__" else a for a in FINETUNE]
+    result = train(build_parser().parse_args([*args, "--data", str(labeled_folder(out / "data")), "--max-steps", "2",
+                                              "--output", str(out / "run")]))
+    torch.set_num_threads(threads)
+    return out / "run" / "checkpoints" / "last.ckpt", result["module"]
+
+
+def test_our_lightning_checkpoints_load_without_unsafe_unpickling(real_checkpoint, finetune_checkpoint):
+    """Both kinds of last.ckpt (EMA, timm scheduler, callbacks' state, hyper_parameters) need
+    nothing beyond torch's weights_only types: they read through read_weights and resume."""
+    from fcmae.checkpoints import read_run_checkpoint, read_weights
+    assert torch.serialization.get_unsafe_globals_in_checkpoint(real_checkpoint) == []
+    w = read_weights(real_checkpoint)
+    assert (w.kind, w.model, w.num_classes, w.meta["steps"]) == ("pretrain-checkpoint", "atto", 0, 2)
+    assert read_run_checkpoint(real_checkpoint, "pretrain")["global_step"] == 2
+
+    path, module = finetune_checkpoint
+    assert torch.serialization.get_unsafe_globals_in_checkpoint(path) == []
+    for ema, source in ((False, module.model), (True, module.model_ema.module)):
+        w = read_weights(path.parent.parent, ema=ema)  # the run directory
+        assert (w.kind, w.classes, w.has_ema, w.meta["steps"]) == ("finetune-checkpoint", ["a", "b"], True, 2)
+        assert all(torch.equal(w.state[k], v) for k, v in source.state_dict().items())
+    assert read_run_checkpoint(path, "finetune")["hyper_parameters"]["classes"] == ["a", "b"]
+
+
 SLOW_SAVE = textwrap.dedent("""
     import sys, time, torch
     from fcmae.callbacks import AtomicCheckpointIO
