@@ -278,7 +278,9 @@ def load_listing(file, root, absolute, kind):
             classes = [names.relative(i) for i in range(len(names))]
             labels = a["labels"]
             n = len(a["offsets"]) - 1
-            if labels.shape != (n,) or labels.dtype.kind != "i" or (n and not 0 <= labels.min() <= labels.max() < len(classes)):
+            if labels.shape != (n,) or labels.dtype.kind != "i":
+                return None
+            if n and not 0 <= labels.min() <= labels.max() < len(classes):
                 return None
         return PathList(root, a["data"], a["offsets"], labels, classes)
     except (KeyError, ValueError, TypeError, IndexError):

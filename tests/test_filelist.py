@@ -69,8 +69,8 @@ def test_class_folders_are_listed_as_torchvision_does(tmp_path):
     assert [(str(p), int(label)) for p, label in zip(paths, paths.labels)] == expected
     assert paths.classes == classes and len(paths) == COUNT
     # pre-training: the same files, labels unused, images and arrays
-    assert [str(p) for p in list_files(root)] == [p for p, _ in
-                                                  make_dataset(str(root), class_to_idx, IMG_EXTENSIONS + ARRAY_EXTENSIONS)]
+    everything = make_dataset(str(root), class_to_idx, IMG_EXTENSIONS + ARRAY_EXTENSIONS)
+    assert [str(p) for p in list_files(root)] == [p for p, _ in everything]
 
 
 def test_an_empty_class_folder_is_torchvision_error(tmp_path):
@@ -187,3 +187,17 @@ def test_image_folder_keeps_imagefolder_attributes(tmp_path):
     assert isinstance(data.targets, np.ndarray) and data.targets.tolist() == [
         label for _, label in make_dataset(str(root / "train"), class_to_idx, IMG_EXTENSIONS)]
     assert len(pickle.dumps(data)) < 10_000
+
+
+def test_a_flat_folder_listing_is_cached_and_rebuilt(tmp_path):
+    root, cache = tmp_path / "flat", tmp_path / "cache"
+    root.mkdir()
+    for name in ("b.png", "a.JPG", ".png", "notes.txt", "x.npy"):
+        (root / name).touch()
+    (root / "sub").mkdir()  # a folder beside flat files: not read
+    (root / "sub" / "c.png").touch()
+    age(root)
+    assert [p.name for p in list_files(root, cache)] == ["a.JPG", "b.png", "x.npy"]  # pathlib: ".png" has no suffix
+    assert [p.name for p in list_files(root, cache)] == ["a.JPG", "b.png", "x.npy"]
+    (root / "c.tif").touch()
+    assert [p.name for p in list_files(root, cache)] == ["a.JPG", "b.png", "c.tif", "x.npy"]
