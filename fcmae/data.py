@@ -31,10 +31,11 @@ import torch
 from PIL import Image, ImageDraw, ImageFile
 from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch.utils.data import DataLoader, Dataset, Sampler
-from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
+from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes
 from torchvision.transforms import InterpolationMode, v2
 
 from fcmae.errors import UserError
+from fcmae.filelist import PathList, cached_listing, is_dir
 from fcmae.masking import PATCH_SIZE, check_mask_ratio, random_mask
 
 ARRAY_EXTENSIONS = (".npy",)
@@ -146,11 +147,13 @@ class DemoImages(Dataset):
 
 class FileSamples(Dataset):
     """Image files (PIL, RGB or L) or .npy arrays (C, H, W tensors), one sample per file:
-    index -> (sample, files skipped to find a readable one)."""
+    index -> (sample, files skipped to find a readable one). `paths`: a `PathList` (or any
+    sequence of paths, stored as one), so forked loader workers share it (fcmae/filelist.py)."""
 
     def __init__(self, paths, in_chans, strict=False):
-        self.paths, self.in_chans, self.strict = paths, in_chans, strict
-        self.arrays = paths[0].suffix.lower() in ARRAY_EXTENSIONS
+        self.paths = paths if isinstance(paths, PathList) else PathList.from_paths(paths)
+        self.in_chans, self.strict = in_chans, strict
+        self.arrays = self.paths[0].suffix.lower() in ARRAY_EXTENSIONS
 
     def __len__(self):
         return len(self.paths)
@@ -162,7 +165,7 @@ class FileSamples(Dataset):
         return load_image(path, "L" if self.in_chans == 1 else "RGB")
 
     def __getitem__(self, index):
-        return read_or_skip(self.read, index, len(self), lambda i: self.paths[i], self.strict)
+        return read_or_skip(self.read, index, len(self), self.paths.__getitem__, self.strict)
 
 
 def read_array(path, in_chans=None):
@@ -178,23 +181,36 @@ def read_array(path, in_chans=None):
     return x.float() / 255 if x.dtype == torch.uint8 else x.float()
 
 
-def list_files(root):
-    """The sample files of a folder: class folders, or flat."""
+def list_files(root, cache=None):
+    """The sample files of a folder (a PathList): the files directly in it, else those of its
+    class folders. `cache`: a folder to keep the listing in (fcmae.filelist.cached_listing)."""
     extensions = IMG_EXTENSIONS + ARRAY_EXTENSIONS
-    # Not only regular files: a broken symlink is listed too, to be skipped with a warning by name.
-    flat = sorted(p for p in root.iterdir() if not p.is_dir() and p.suffix.lower() in extensions)
-    if flat:
-        return flat
-    try:
-        _, class_to_idx = find_classes(root)
-    except FileNotFoundError:
-        return []  # no class folders
-    # Labels are not used: an empty class folder is harmless here (allow_empty).
-    return [Path(p) for p, _ in make_dataset(root, class_to_idx, extensions=extensions, allow_empty=True)]
+
+    def scan(listing):
+        # Not only regular files: a broken symlink is listed too, to be skipped with a warning by name.
+        flat = sorted(e.name for e in listing.read_dir("") or () if not is_dir(e) and suffix(e.name) in extensions)
+        if flat:
+            for name in flat:
+                listing.add(name)
+            return
+        try:
+            _, class_to_idx = find_classes(listing.root)
+        except FileNotFoundError:
+            return  # no class folders
+        # Labels are not used: an empty class folder is harmless here (allow_empty).
+        listing.add_classes(class_to_idx, extensions, allow_empty=True)
+    return cached_listing(root, f"samples:{','.join(extensions)}", scan, cache)
 
 
-def find_source(data, in_chans, input_size, strict=False):
-    """`--data` -> (dataset of (PIL image or tensor, files skipped), whether its samples are .npy arrays)."""
+def suffix(name):
+    """Path(name).suffix.lower(), without building a Path for each of millions of names."""
+    i = name.rfind(".")
+    return name[i:].lower() if 0 < i < len(name) - 1 else ""
+
+
+def find_source(data, in_chans, input_size, strict=False, cache=None):
+    """`--data` -> (dataset of (PIL image or tensor, files skipped), whether its samples are .npy arrays).
+    `cache`: a folder to keep the file listing in, None to list the folder every time."""
     if data == "demo":
         if in_chans not in (1, 3):
             raise UserError(f"--data demo makes RGB or grayscale images, not {in_chans} channels: "
@@ -208,14 +224,16 @@ def find_source(data, in_chans, input_size, strict=False):
         root = root / "train"  # ImageNet-1K: pre-training reads train/ only
     elif (root / "val").is_dir():  # an ImageNet-style root without train/: do not train on val/
         raise UserError(f"'{data}' has val/ but no train/ folder: pre-training expected {root / 'train'}/<class>/<image>")
-    paths = list_files(root)
-    if not paths:
+    paths = list_files(root, cache)
+    if not len(paths):
         raise UserError(f"no images or .npy files in '{root}': expected DIR/train/<class>/<image>, "
                         f"DIR/<class>/<image> or images directly in DIR")
-    arrays = {p.suffix.lower() in ARRAY_EXTENSIONS for p in paths}
-    if len(arrays) > 1:
+    is_array = np.zeros(len(paths), bool)
+    for extension in ARRAY_EXTENSIONS:
+        is_array |= paths.has_suffix(extension)
+    if is_array.any() and not is_array.all():
         raise UserError(f"'{data}' mixes images and .npy arrays: keep one kind per data folder")
-    arrays = arrays.pop()
+    arrays = bool(is_array[0])
     if not arrays and in_chans not in (1, 3):
         raise UserError(f"--in-chans {in_chans} needs .npy arrays (C, H, W), one per sample, but '{data}' holds "
                         f"images: convert them, or use --in-chans 3 (RGB) or 1 (grayscale)")

@@ -10,10 +10,12 @@ from PIL import Image
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, create_transform
 from timm.data import auto_augment
 from torch.utils.data import DataLoader
-from torchvision.datasets import ImageFolder
+from torchvision.datasets import VisionDataset
+from torchvision.datasets.folder import IMG_EXTENSIONS
 
 from fcmae.data import load_image, read_or_skip
 from fcmae.errors import UserError
+from fcmae.filelist import list_classes
 
 # Grayscale data is normalized with the mean of ImageNet's channel statistics.
 STATS = {3: (IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD),
@@ -61,24 +63,40 @@ def eval_transform(input_size, in_chans=3, crop_pct=None):
                             crop_mode=crop_mode, mean=mean, std=std)
 
 
-class SkippingImageFolder(ImageFolder):
-    """ImageFolder whose items are (image, label, files skipped): a file the loader cannot read
-    (`BadFile`) is replaced by the next one, or with `strict` is a one-line error."""
+class SkippingImageFolder(VisionDataset):
+    """torchvision's ImageFolder (labels = index of the sorted class folder name; `classes`,
+    `class_to_idx`, `targets`) with items (image, label, files skipped): a file the loader cannot
+    read (`BadFile`) is replaced by the next one, or with `strict` is a one-line error. The file
+    list is flat (`paths`, a PathList; `targets` a numpy array), so forked loader workers share
+    it instead of copying it page by page. `cache`: a folder to keep the listing in."""
 
-    def __init__(self, root, transform, in_chans=3, strict=False):
-        mode = "RGB" if in_chans == 3 else "L"
-        super().__init__(root, transform=transform, loader=partial(load_image, mode=mode))  # picklable for workers
+    def __init__(self, root, transform, in_chans=3, strict=False, cache=None):
+        super().__init__(root, transform=transform)
+        self.paths = list_classes(self.root, IMG_EXTENSIONS, cache)
+        self.classes = self.paths.classes
+        self.class_to_idx = {name: i for i, name in enumerate(self.classes)}
+        self.targets = self.paths.labels
+        self.loader = partial(load_image, mode="RGB" if in_chans == 3 else "L")  # picklable for workers
         self.strict = strict
 
+    def __len__(self):
+        return len(self.paths)
+
+    def read(self, index):
+        image = self.loader(self.paths[index])
+        if self.transform is not None:
+            image = self.transform(image)
+        return image, int(self.targets[index])  # a Python int, collated to int64 as ImageFolder's
+
     def __getitem__(self, index):
-        (image, label), skipped = read_or_skip(super().__getitem__, index, len(self),
-                                               lambda i: self.samples[i][0], self.strict)
+        (image, label), skipped = read_or_skip(self.read, index, len(self), self.paths.__getitem__, self.strict)
         return image, label, skipped
 
 
-def image_folder(root, split, transform, in_chans=3, strict=False):
+def image_folder(root, split, transform, in_chans=3, strict=False, cache=None):
     """`root/split` as an ImageFolder (or `root` itself when it has no `split` folder and
-    split is "val", so `fcmae eval --data DIR` also takes a bare class-folder tree)."""
+    split is "val", so `fcmae eval --data DIR` also takes a bare class-folder tree). `cache`: a
+    folder to keep the file listing in, None to list the folder every time."""
     root = Path(root)
     if not root.is_dir():
         raise UserError(f"--data {root} is not a directory: pass a folder holding train/ and val/ class folders")
@@ -89,7 +107,7 @@ def image_folder(root, split, transform, in_chans=3, strict=False):
         else:
             raise UserError(f"--data {root} has no {split}/ folder: expected {root}/{split}/<class>/<image>")
     try:
-        return SkippingImageFolder(str(folder), transform, in_chans, strict)
+        return SkippingImageFolder(str(folder), transform, in_chans, strict, cache)
     except (FileNotFoundError, RuntimeError) as e:
         # e.g. an empty class folder: it would shift every label after it, so it is an error here
         raise UserError(f"{folder}: {str(e).splitlines()[0]}: put images in one folder per class") from None
