@@ -16,6 +16,7 @@ from typing import Literal, Optional, Union
 import lightning as L
 import torch
 import yaml
+from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_only
 
@@ -124,22 +125,30 @@ def world_size(cfg):
     the hardware flags (`--devices auto` on a node of 4 GPUs: 4), for plans made before the
     Trainer can be built (it needs the accumulation they give). Builds no process group."""
     with _quiet_lightning():  # its device lines are printed by the run's own Trainer
-        return L.Trainer(accelerator=cfg.accelerator, devices=cfg.devices, num_nodes=cfg.num_nodes,
-                         strategy=make_strategy(cfg.get("strategy", "auto"), cfg.accelerator), logger=False,
-                         enable_checkpointing=False, enable_progress_bar=False).world_size
+        return _trainer(cfg, logger=False, enable_checkpointing=False, enable_progress_bar=False).world_size
 
 
 def make_trainer(cfg, output, callbacks, epochs, accumulate, **kwargs):
     """The run's Trainer: the hardware flags, crash-safe checkpoint files, TensorBoard under
     <output>/tensorboard, SkippedFiles (our data loaders end every batch with a skip count),
     `epochs` and `accumulate` as the command resolved them; `kwargs` go to L.Trainer."""
-    return L.Trainer(
-        accelerator=cfg.accelerator, devices=cfg.devices, num_nodes=cfg.num_nodes,
-        strategy=make_strategy(cfg.get("strategy", "auto"), cfg.accelerator), precision=make_precision(cfg.precision),
-        max_epochs=epochs, max_steps=cfg.max_steps, accumulate_grad_batches=accumulate,
+    return _trainer(
+        cfg, precision=make_precision(cfg.precision), max_epochs=epochs, max_steps=cfg.max_steps,
+        accumulate_grad_batches=accumulate,
         logger=TensorBoardLogger(output, name="tensorboard", version="", default_hp_metric=False),
         callbacks=[SkippedFiles(), *callbacks], plugins=[AtomicCheckpointIO()], log_every_n_steps=cfg.log_every,
         default_root_dir=output, **kwargs)
+
+
+def _trainer(cfg, **kwargs):
+    """L.Trainer on the hardware flags; Lightning's refusal of them is one line."""
+    strategy = make_strategy(cfg.get("strategy", "auto"), cfg.accelerator)
+    try:
+        return L.Trainer(accelerator=cfg.accelerator, devices=cfg.devices, num_nodes=cfg.num_nodes,
+                         strategy=strategy, **kwargs)
+    except (MisconfigurationException, TypeError, ValueError) as e:
+        raise UserError(f"--accelerator {cfg.accelerator} --devices {cfg.devices} --num-nodes {cfg.num_nodes}: "
+                        f"{str(e).splitlines()[0]}") from None
 
 
 # ----------------------------------------------------------------------------- run directory

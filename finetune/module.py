@@ -15,7 +15,7 @@ from timm.optim import Lars
 from timm.utils import ModelEmaV3, accuracy
 
 from fcmae.finetune import layer_decay
-from fcmae.optim import StepSchedule, param_groups
+from fcmae.optim import StepSchedule, no_weight_decay, param_groups
 
 
 class FinetuneModule(StepSchedule, L.LightningModule):
@@ -28,6 +28,7 @@ class FinetuneModule(StepSchedule, L.LightningModule):
         super().__init__()
         self.save_hyperparameters(ignore=["model"])
         self.model = model
+        self.no_weight_decay = no_weight_decay(model)  # before a sharding strategy flattens the parameters
         self.linear_probe = linear_probe
         if linear_probe:
             # MAE's linear probe: frozen encoder, BatchNorm without affine on the pooled
@@ -103,7 +104,7 @@ class FinetuneModule(StepSchedule, L.LightningModule):
         else:
             depths = self.model.depths
             layer_decay.check(depths, hp.layer_decay_type)
-            groups = param_groups(self.model, hp.weight_decay,
+            groups = param_groups(self.model, hp.weight_decay, self.no_weight_decay,
                                   lr_scale=lambda name: layer_decay.lr_scale(name, depths, hp.layer_decay,
                                                                              hp.layer_decay_type))
             optimizer = torch.optim.AdamW(groups, lr=hp.lr)
