@@ -125,14 +125,14 @@ def world_size(cfg):
     the hardware flags (`--devices auto` on a node of 4 GPUs: 4), for plans made before the
     Trainer can be built (it needs the accumulation they give). Builds no process group."""
     with _quiet_lightning():  # its device lines are printed by the run's own Trainer
-        return _trainer(cfg, logger=False, enable_checkpointing=False, enable_progress_bar=False).world_size
+        return hardware_trainer(cfg, logger=False, enable_checkpointing=False, enable_progress_bar=False).world_size
 
 
 def make_trainer(cfg, output, callbacks, epochs, accumulate, **kwargs):
     """The run's Trainer: the hardware flags, crash-safe checkpoint files, TensorBoard under
     <output>/tensorboard, SkippedFiles (our data loaders end every batch with a skip count),
     `epochs` and `accumulate` as the command resolved them; `kwargs` go to L.Trainer."""
-    return _trainer(
+    return hardware_trainer(
         cfg, precision=make_precision(cfg.precision), max_epochs=epochs, max_steps=cfg.max_steps,
         accumulate_grad_batches=accumulate,
         logger=TensorBoardLogger(output, name="tensorboard", version="", default_hp_metric=False),
@@ -140,8 +140,8 @@ def make_trainer(cfg, output, callbacks, epochs, accumulate, **kwargs):
         default_root_dir=output, **kwargs)
 
 
-def _trainer(cfg, **kwargs):
-    """L.Trainer on the hardware flags; Lightning's refusal of them is one line."""
+def hardware_trainer(cfg, **kwargs):
+    """L.Trainer on the hardware flags (and `kwargs`); Lightning's refusal of them is one line."""
     strategy = make_strategy(cfg.get("strategy", "auto"), cfg.accelerator)
     try:
         return L.Trainer(accelerator=cfg.accelerator, devices=cfg.devices, num_nodes=cfg.num_nodes,

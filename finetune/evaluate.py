@@ -9,7 +9,6 @@ tree of class folders).
 """
 from typing import Optional
 
-import lightning as L
 from jsonargparse import ActionConfigFile, ArgumentParser
 
 from fcmae import runs
@@ -52,8 +51,8 @@ def evaluate(cfg):
 
     classifier = ConvNeXtV2(model, in_chans, num_classes)
     classifier.load_state_dict(state)
-    trainer = L.Trainer(accelerator=cfg.accelerator, devices=cfg.devices, num_nodes=cfg.num_nodes, logger=False,
-                        enable_checkpointing=False, precision=runs.make_precision(cfg.precision))
+    trainer = runs.hardware_trainer(cfg, logger=False, enable_checkpointing=False,
+                                    precision=runs.make_precision(cfg.precision))
     metrics = trainer.validate(FinetuneModule(classifier), data.loader(val, cfg.batch_size, cfg.workers, train=False),
                                verbose=False)[0]
     out = {"top1": metrics["val/top1"], "top5": metrics["val/top5"], "loss": metrics["val/loss"], "images": len(val)}

@@ -196,7 +196,8 @@ def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(fcma
     scheduler, optimizer = trainer.lr_scheduler_configs[0].scheduler, trainer.optimizers[0]
     assert scheduler.base_values == [5e-4, 5e-4]
     hp = module.hparams.config  # the resolved configuration the run printed
-    assert optimizer.param_groups[1]["lr"] == pytest.approx(5e-4 * warmup_cosine(8, hp["warmup_steps"], hp["total_steps"]))
+    assert optimizer.param_groups[1]["lr"] == pytest.approx(
+        5e-4 * warmup_cosine(8, hp["warmup_steps"], hp["total_steps"]))
 
 
 def fail_on_save(monkeypatch, at_call, seen):
