@@ -164,9 +164,8 @@ class Stepper:
                            mask_ratio=cfg.mask_ratio[0]).to(device)
         if cfg.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
-        decay = [p for n, p in self.model.named_parameters() if p.ndim > 1 and not n.endswith(("gamma", "beta"))]
-        no_decay = [p for n, p in self.model.named_parameters() if not (p.ndim > 1 and not n.endswith(("gamma", "beta")))]
-        groups = [{"params": decay, "weight_decay": 0.05}, {"params": no_decay, "weight_decay": 0.0}]
+        from fcmae.optim import param_groups
+        groups = param_groups(self.model, weight_decay=0.05)  # pre-training's weight-decay split
         try:  # the fused AdamW (CPU and CUDA in recent torch) is the fastest; same for every backend
             self.optimizer = torch.optim.AdamW(groups, lr=1.5e-4, betas=(0.9, 0.95), fused=True)
         except (RuntimeError, TypeError, ValueError):

@@ -88,6 +88,10 @@ class Throughput(Callback):
     """Logs images/s over all ranks (`train/images_per_sec`, also on the progress bar),
     smoothed over recent batches; the time includes data loading."""
 
+    # Not Lightning's ThroughputMonitor: its names are fixed (`train/samples_per_sec`, logged only
+    # with more than one rank; `train/device/samples_per_sec` otherwise), it writes straight to
+    # the logger (never the progress bar) and only once its window (100 batches) is full.
+
     def __init__(self, smoothing=0.9):
         self.smoothing, self.last, self.rate = smoothing, None, None
 

@@ -11,25 +11,22 @@ The run directory (`--output`) gets tensorboard/ logs, reconstructions/*.png, ch
 (last.ckpt, kept current, and periodic step*.ckpt), config.yaml and encoder.safetensors.
 Running the same command again resumes from checkpoints/last.ckpt.
 """
-import math
-import os
 import warnings
 from pathlib import Path
-from typing import Literal, Optional, Union
+from typing import Literal
 
 import lightning as L
 import torch
-import yaml
 from jsonargparse import ActionConfigFile, ActionYesNo, ArgumentParser
-from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar
 
-from fcmae.callbacks import AtomicCheckpointIO, LastCheckpoint, Reconstructions, SkippedFiles, Throughput
+from fcmae import runs
+from fcmae.callbacks import LastCheckpoint, Reconstructions, Throughput
 from fcmae.data import PretrainData
-from fcmae.encoders import SIZES, resolve_backend
+from fcmae.encoders import BACKEND_CHOICES, SIZES, check_backend, resolve_backend
 from fcmae.errors import UserError
 from fcmae.module import PretrainModule
-from fcmae.runs import make_precision, resume_checkpoint
+from fcmae.optim import schedule_steps
 
 DEFAULT_MODEL = "atto"
 
@@ -51,7 +48,7 @@ def build_parser():
     p.add_argument("--config", action=ActionConfigFile, help="a recipe file (default: configs/pretrain/<model>.yaml)")
     g = p.add_argument_group("model")
     g.add_argument("--model", type=Literal[tuple(SIZES)], default=DEFAULT_MODEL, help="ConvNeXt V2 size")
-    g.add_argument("--backend", type=Literal["auto", "dense", "sparse", "minkowski"], default="auto",
+    g.add_argument("--backend", type=Literal[BACKEND_CHOICES], default="auto",
                    help="sparse-encoder implementation; auto = the fastest available on the device")
     g.add_argument("--in-chans", type=int, default=3, help="input channels: 3 = RGB, 1 = grayscale, other = .npy")
     g.add_argument("--input-size", type=int, default=224, help="crop side in pixels, a multiple of 32")
@@ -64,45 +61,19 @@ def build_parser():
     g = p.add_argument_group("data")
     g.add_argument("--data", type=str, default="demo",
                    help="'demo' (built-in images), DIR/train/<class>/<image> (ImageNet), or a folder of images/.npy")
-    g.add_argument("--workers", type=int, default=8, help="data loader processes per device")
     g.add_argument("--strict-data", action="store_true",
                    help="stop at the first unreadable file (default: skip it with a warning naming it, "
                         "count skips per epoch as data/skipped)")
-    g = p.add_argument_group("optimization")
-    g.add_argument("--batch-size", type=int, default=64, help="images per device per step")
+    g = runs.add_optimization_flags(p, batch_size=64, epochs=1600, blr=1.5e-4, min_lr=0.0, warmup_epochs=40)
     g.add_argument("--accumulate", type=int, default=1, help="gradient accumulation steps")
-    g.add_argument("--epochs", type=int, default=1600, help="length of the lr schedule")
-    g.add_argument("--max-steps", type=int, default=-1,
-                   help="stop after this many optimizer steps (the schedule still spans --epochs); -1: no limit")
-    g.add_argument("--blr", type=float, default=1.5e-4, help="base lr, per 256 images of effective batch")
-    g.add_argument("--lr", type=Optional[float], default=None, help="absolute lr (overrides --blr)")
-    g.add_argument("--min-lr", type=float, default=0.0, help="lr at the end of the cosine")
-    g.add_argument("--warmup-epochs", type=float, default=40, help="linear warmup length")
-    g.add_argument("--weight-decay", type=float, default=0.05)
     g.add_argument("--betas", type=tuple[float, float], default=(0.9, 0.95))
-    g.add_argument("--seed", type=int, default=0)
-    g = p.add_argument_group("hardware")
-    g.add_argument("--accelerator", type=str, default="auto", help="auto | cpu | gpu | ...")
-    g.add_argument("--devices", type=Union[int, str], default="auto", help="devices per node: N, 'auto' or '0,1'")
-    g.add_argument("--num-nodes", type=int, default=1)
-    g.add_argument("--strategy", type=Literal["auto", "ddp", "fsdp"], default="auto",
-                   help="auto = DDP when more than one device; fsdp shards large/huge")
-    g.add_argument("--precision", type=Literal["auto", "32", "bf16-mixed", "16-mixed"], default="auto",
-                   help="auto = bf16-mixed on GPUs that support it, else 32")
-    g = p.add_argument_group("run directory")
-    g.add_argument("--output", type=Optional[str], default=None, help="run directory (default: runs/<model>[-demo])")
-    g.add_argument("--resume", type=str, default="auto",
-                   help="'auto': continue from <output>/checkpoints/last.ckpt if present; or a .ckpt path")
-    g.add_argument("--no-resume", action="store_true",
-                   help="start from scratch even if <output> holds checkpoints (they are overwritten)")
-    g.add_argument("--log-every", type=int, default=50, help="steps between scalar logs")
+    runs.add_hardware_flags(p)
+    g = runs.add_run_flags(p, output_help="run directory (default: runs/<model>[-demo])")
     g.add_argument("--vis-every", type=int, default=1000, help="steps between reconstruction grids")
     g.add_argument("--ckpt-every", type=int, default=1000, help="steps between last.ckpt updates")
     g.add_argument("--save-every-epochs", type=int, default=20, help="epochs between kept step*.ckpt files")
     g.add_argument("--export", action=ActionYesNo(no_prefix="no-"), default=True,
                    help="write <output>/encoder.safetensors at the end")
-    g.add_argument("--dry-run", action="store_true",
-                   help="print the fully resolved configuration (demo schedule, devices, lr, steps) and exit")
     return p
 
 
@@ -132,41 +103,22 @@ def recipe_values(cfg):
 
 def check(cfg):
     """Cheap checks of the options, before any data is scanned or model built."""
-    for name in ("batch_size", "accumulate", "log_every", "vis_every", "ckpt_every", "save_every_epochs", "epochs"):
-        if cfg[name] < 1:
-            raise UserError(f"--{name.replace('_', '-')} {cfg[name]}: must be at least 1")
-    if cfg.workers < 0:
-        raise UserError(f"--workers {cfg.workers}: must be 0 (load in the training process) or more")
-    if cfg.backend == "minkowski":
-        require_backend("minkowski")
+    runs.check(cfg, "accumulate", "vis_every", "ckpt_every", "save_every_epochs")
+    require_backend(cfg.backend)
 
 
-def require_backend(name):
-    if name == "minkowski":
-        from fcmae.encoders.minkowski import require_minkowski
-        try:
-            require_minkowski()
-        except ImportError as e:
-            raise UserError(str(e)) from None
+def require_backend(name, device=None):
+    """A backend that cannot run here (unknown, or MinkowskiEngine not installed) is one line."""
+    try:
+        check_backend(name, device)
+    except ValueError as e:
+        raise UserError(str(e)) from None
 
 
-def make_strategy(name, accelerator):
-    if name != "fsdp":
-        return name  # "auto": Lightning picks DDP when there is more than one device
-    if accelerator == "cpu" or not torch.cuda.is_available():
-        raise UserError("--strategy fsdp needs CUDA GPUs (Lightning's FSDP is GPU-only): use --strategy ddp here")
-    from lightning.pytorch.strategies import FSDPStrategy
-
-    from fcmae.encoders.convnextv2 import Block
-    # One FSDP unit per ConvNeXt V2 block; original parameters keep our weight-decay groups.
-    return FSDPStrategy(auto_wrap_policy={Block}, use_orig_params=True)
-
-
-def make_trainer(cfg, out):
+def callbacks(cfg, out):
     ckpt_dir = out / "checkpoints"
-    callbacks = [
+    return [
         LastCheckpoint(ckpt_dir, cfg.ckpt_every),
-        SkippedFiles(),
         ModelCheckpoint(ckpt_dir, filename="step{step:07d}", auto_insert_metric_name=False, save_top_k=-1,
                         every_n_epochs=cfg.save_every_epochs, save_on_train_epoch_end=True,
                         enable_version_counter=False),
@@ -174,14 +126,6 @@ def make_trainer(cfg, out):
         Reconstructions(out / "reconstructions", cfg.vis_every),
         TQDMProgressBar(refresh_rate=1),
     ]
-    return L.Trainer(
-        accelerator=cfg.accelerator, devices=cfg.devices, num_nodes=cfg.num_nodes,
-        strategy=make_strategy(cfg.strategy, cfg.accelerator), precision=make_precision(cfg.precision),
-        max_epochs=cfg.epochs, max_steps=cfg.max_steps, accumulate_grad_batches=cfg.accumulate,
-        logger=TensorBoardLogger(out, name="tensorboard", version="", default_hp_metric=False), callbacks=callbacks,
-        plugins=[AtomicCheckpointIO()], log_every_n_steps=cfg.log_every, default_root_dir=out,
-        use_distributed_sampler=False,  # PretrainData shards per rank itself (resumable mid-epoch)
-        limit_val_batches=0, num_sanity_val_steps=0, enable_model_summary=False)
 
 
 # ----------------------------------------------------------------------------- run
@@ -193,50 +137,45 @@ def fit(cfg):
     out = Path(cfg.output)
     data = PretrainData(cfg.data, cfg.input_size, cfg.in_chans, cfg.mask_ratio, cfg.batch_size,
                         cfg.workers, cfg.seed, pin_memory=torch.cuda.is_available(), strict=cfg.strict_data)
-    ckpt_path = resume_checkpoint("pretrain", cfg.no_resume, cfg.resume, cfg.output,
-                                  {k: cfg[k] for k in ("model", "in_chans", "decoder_dim", "decoder_depth")})
+    ckpt_path = runs.resume_checkpoint("pretrain", cfg, out,
+                                       {k: cfg[k] for k in ("model", "in_chans", "decoder_dim", "decoder_depth")})
 
-    trainer = make_trainer(cfg, out)
+    trainer = runs.make_trainer(
+        cfg, out, callbacks(cfg, out), epochs=cfg.epochs, accumulate=cfg.accumulate, enable_model_summary=False,
+        use_distributed_sampler=False,  # PretrainData shards per rank itself (resumable mid-epoch)
+        limit_val_batches=0, num_sanity_val_steps=0)
     world = trainer.world_size  # devices x nodes
     batches = data.batches_per_epoch(world)
     if batches == 0:
         raise UserError(f"{len(data.dataset)} samples are fewer than one batch of {cfg.batch_size} x {world} "
                         f"devices: lower --batch-size or add data")
-    steps_per_epoch = math.ceil(batches / cfg.accumulate)
+    # What PretrainModule's schedule will span (it reads the same numbers off the trainer).
+    steps_per_epoch, total_steps, warmup_steps = schedule_steps(batches, cfg.accumulate, cfg.epochs,
+                                                                cfg.warmup_epochs)
     eff_batch = cfg.batch_size * cfg.accumulate * world
     resolved = {**cfg.as_dict(), "betas": list(cfg.betas),
                 "backend": resolve_backend(cfg.backend, trainer.strategy.root_device.type),
-                "precision": make_precision(cfg.precision),
+                "precision": runs.make_precision(cfg.precision),
                 "world_size": world, "effective_batch": eff_batch,
                 "lr": cfg.lr if cfg.lr is not None else cfg.blr * eff_batch / 256,
-                "steps_per_epoch": steps_per_epoch, "total_steps": cfg.epochs * steps_per_epoch,
-                "warmup_steps": round(cfg.warmup_epochs * steps_per_epoch), "resume_from": ckpt_path}
-    require_backend(resolved["backend"])  # `auto` may have picked it
-    if trainer.is_global_zero:
-        print(yaml.safe_dump(resolved, sort_keys=False), end="", flush=True)
+                "steps_per_epoch": steps_per_epoch, "total_steps": total_steps,
+                "warmup_steps": warmup_steps, "resume_from": ckpt_path}
+    require_backend(resolved["backend"], trainer.strategy.root_device)  # what `auto` picked, on this device
+    runs.print_config(resolved)
     if cfg.dry_run:
         return trainer, None
 
     L.seed_everything(cfg.seed, workers=True, verbose=False)
-    if trainer.strategy.root_device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
-        # Leave the loader workers their cores: oversubscribed OpenMP threads spin against each
-        # other (measured: 2 threads + 1 worker on 2 busy cores ran 5x slower than 1 thread).
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-        torch.set_num_threads(max(1, (cores - cfg.workers) // trainer.num_devices))
-    torch.set_float32_matmul_precision("high")  # TF32 matmuls on GPUs that have them
     module = PretrainModule(
         cfg.model, resolved["backend"], cfg.in_chans, cfg.input_size, cfg.mask_ratio, cfg.norm_pix_loss,
         cfg.decoder_depth, cfg.decoder_dim, cfg.drop_path, resolved["lr"], cfg.min_lr, cfg.weight_decay,
-        tuple(cfg.betas), resolved["warmup_steps"], resolved["total_steps"], config=resolved)
-    if trainer.is_global_zero:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "config.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
+        tuple(cfg.betas), cfg.warmup_epochs, config=resolved)
     with warnings.catch_warnings():
         # PretrainData resumes mid-epoch itself (it skips what the checkpoint's step count says
         # was trained on); Lightning cannot see that and would warn on every resume.
         warnings.filterwarnings("ignore", message=".*resuming from a checkpoint that ended before the epoch ended")
         warnings.filterwarnings("ignore", message="Checkpoint directory .* exists and is not empty")
-        trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
+        runs.fit(trainer, module, resolved, ckpt_path, datamodule=data)
 
     last = out / "checkpoints" / "last.ckpt"
     if cfg.export and trainer.is_global_zero and last.is_file():

@@ -1,37 +1,177 @@
-"""What `fcmae pretrain` and `fcmae finetune` share about a run: where it resumes from, and the
-precision it trains in."""
+"""What every training command shares about a run: the hardware, optimization and run-directory
+flags and their checks, the device count, the Trainer (precision, strategy, crash-safe
+checkpoint files, TensorBoard), resuming, printing the resolved configuration (where --dry-run
+stops), the run directory's config.yaml, and where a non-finite loss left the run.
+
+A training command adds the flag groups to its parser (`add_hardware_flags`,
+`add_optimization_flags`, `add_run_flags`, then its own flags), and its run calls `check`,
+`resume_checkpoint`, `print_config` (returning there with --dry-run), `make_trainer` and `fit`.
+"""
+import logging
+import os
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Literal, Optional, Union
 
+import lightning as L
 import torch
+import yaml
+from lightning.fabric.utilities.exceptions import MisconfigurationException
+from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.utilities import rank_zero_only
 
-from fcmae.errors import UserError
+from fcmae.callbacks import AtomicCheckpointIO, LastCheckpoint, SkippedFiles
+from fcmae.checkpoints import atomic_write, read_run_checkpoint
+from fcmae.errors import NonFiniteLoss, UserError
+
+PRECISIONS = ("auto", "32", "bf16-mixed", "16-mixed")
+STRATEGIES = ("auto", "ddp", "fsdp")
 
 
-def resume_checkpoint(command, no_resume, resume, output, expected):
+# ----------------------------------------------------------------------------- flags
+
+def add_hardware_flags(parser, devices="auto", strategy=True):
+    """--accelerator, --devices, --num-nodes, --strategy (if `strategy`), --precision, --workers."""
+    g = parser.add_argument_group("hardware")
+    g.add_argument("--accelerator", type=str, default="auto", help="auto | cpu | gpu | ...")
+    g.add_argument("--devices", type=Union[int, str], default=devices, help="devices per node: N, 'auto' or '0,1'")
+    g.add_argument("--num-nodes", type=int, default=1)
+    if strategy:
+        g.add_argument("--strategy", type=Literal[STRATEGIES], default="auto",
+                       help="auto = DDP when more than one device; fsdp shards large/huge")
+    g.add_argument("--precision", type=Literal[PRECISIONS], default="auto",
+                   help="auto = bf16-mixed on GPUs that support it, else 32")
+    g.add_argument("--workers", type=int, default=8, help="data loader processes per device")
+    return g
+
+
+def add_optimization_flags(parser, batch_size, epochs, blr, min_lr, warmup_epochs):
+    """The flags of the lr schedule and AdamW every training command has, with its defaults.
+    Returns the group for the command's own (accumulation, betas, layer decay, ...)."""
+    g = parser.add_argument_group("optimization")
+    g.add_argument("--batch-size", type=int, default=batch_size, help="images per device per step")
+    g.add_argument("--epochs", type=int, default=epochs, help="length of the lr schedule")
+    g.add_argument("--max-steps", type=int, default=-1,
+                   help="stop after this many optimizer steps (the schedule still spans --epochs); -1: no limit")
+    g.add_argument("--blr", type=float, default=blr, help="base lr, per 256 images of effective batch")
+    g.add_argument("--lr", type=Optional[float], default=None, help="absolute lr (overrides --blr)")
+    g.add_argument("--min-lr", type=float, default=min_lr, help="lr at the end of the cosine")
+    g.add_argument("--warmup-epochs", type=float, default=warmup_epochs, help="linear warmup length")
+    g.add_argument("--weight-decay", type=float, default=0.05, help="not on biases, norm weights, GRN gamma/beta")
+    g.add_argument("--seed", type=int, default=0)
+    return g
+
+
+def add_run_flags(parser, output_help):
+    """--output, --resume, --no-resume, --trust-checkpoint, --log-every, --dry-run. Returns the
+    group for the command's own (what it writes, and how often)."""
+    g = parser.add_argument_group("run directory")
+    g.add_argument("--output", type=Optional[str], default=None, help=output_help)
+    g.add_argument("--resume", type=str, default="auto",
+                   help="'auto': continue from <output>/checkpoints/last.ckpt if present; or a .ckpt path")
+    g.add_argument("--no-resume", action="store_true",
+                   help="start from scratch even if <output> holds checkpoints (they are overwritten)")
+    g.add_argument("--trust-checkpoint", action="store_true",
+                   help="load checkpoint/weights files that need full unpickling: this runs code from the file; "
+                        "only for files you trust")
+    g.add_argument("--log-every", type=int, default=50, help="steps between scalar logs")
+    g.add_argument("--dry-run", action="store_true",
+                   help="print the fully resolved configuration (devices, batch, lr, ...) and exit")
+    return g
+
+
+def check(cfg, *at_least_one):
+    """Cheap checks of the shared flags, and of the command's `at_least_one` counts."""
+    for name in ("batch_size", "epochs", "log_every", *at_least_one):
+        if cfg[name] < 1:
+            raise UserError(f"--{name.replace('_', '-')} {cfg[name]}: must be at least 1")
+    if cfg.workers < 0:
+        raise UserError(f"--workers {cfg.workers}: must be 0 (load in the training process) or more")
+
+
+# ----------------------------------------------------------------------------- hardware
+
+def make_precision(precision):
+    """`auto` -> bf16-mixed on GPUs that support it, else 32; other values pass through."""
+    if precision != "auto":
+        return precision
+    return "bf16-mixed" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "32"
+
+
+def make_strategy(name, accelerator):
+    if name != "fsdp":
+        return name  # "auto": Lightning picks DDP when there is more than one device
+    if accelerator == "cpu" or not torch.cuda.is_available():
+        raise UserError("--strategy fsdp needs CUDA GPUs (Lightning's FSDP is GPU-only): use --strategy ddp here")
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    from fcmae.encoders.convnextv2 import Block
+    # One FSDP unit per ConvNeXt V2 block; the original parameters keep their weight-decay groups.
+    return FSDPStrategy(auto_wrap_policy={Block}, use_orig_params=True)
+
+
+@contextmanager
+def _quiet_lightning():
+    log = logging.getLogger("lightning.pytorch")
+    level = log.level
+    log.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        log.setLevel(level)
+
+
+def world_size(cfg):
+    """Processes the run trains on (devices per node x nodes), counted by Lightning itself from
+    the hardware flags (`--devices auto` on a node of 4 GPUs: 4), for plans made before the
+    Trainer can be built (it needs the accumulation they give). Builds no process group."""
+    with _quiet_lightning():  # its device lines are printed by the run's own Trainer
+        return hardware_trainer(cfg, logger=False, enable_checkpointing=False, enable_progress_bar=False).world_size
+
+
+def make_trainer(cfg, output, callbacks, epochs, accumulate, **kwargs):
+    """The run's Trainer: the hardware flags, crash-safe checkpoint files, TensorBoard under
+    <output>/tensorboard, SkippedFiles (our data loaders end every batch with a skip count),
+    `epochs` and `accumulate` as the command resolved them; `kwargs` go to L.Trainer."""
+    return hardware_trainer(
+        cfg, precision=make_precision(cfg.precision), max_epochs=epochs, max_steps=cfg.max_steps,
+        accumulate_grad_batches=accumulate,
+        logger=TensorBoardLogger(output, name="tensorboard", version="", default_hp_metric=False),
+        callbacks=[SkippedFiles(), *callbacks], plugins=[AtomicCheckpointIO()], log_every_n_steps=cfg.log_every,
+        default_root_dir=output, **kwargs)
+
+
+def hardware_trainer(cfg, **kwargs):
+    """L.Trainer on the hardware flags (and `kwargs`); Lightning's refusal of them is one line."""
+    strategy = make_strategy(cfg.get("strategy", "auto"), cfg.accelerator)
+    try:
+        return L.Trainer(accelerator=cfg.accelerator, devices=cfg.devices, num_nodes=cfg.num_nodes,
+                         strategy=strategy, **kwargs)
+    except (MisconfigurationException, TypeError, ValueError) as e:
+        raise UserError(f"--accelerator {cfg.accelerator} --devices {cfg.devices} --num-nodes {cfg.num_nodes}: "
+                        f"{str(e).splitlines()[0]}") from None
+
+
+# ----------------------------------------------------------------------------- run directory
+
+def resume_checkpoint(command, cfg, output, expected):
     """The checkpoint a run continues from, or None.
 
-    `resume` is "auto" (OUTPUT/checkpoints/last.ckpt if present) or a path; `expected` maps
-    hyperparameter names to this run's values: a checkpoint that disagrees is refused.
+    --resume is "auto" (OUTPUT/checkpoints/last.ckpt if present) or a path; --no-resume: None.
+    `expected` maps hyperparameter names to this run's values: a checkpoint that disagrees is
+    refused.
     """
-    if no_resume:
+    if cfg.no_resume:
         return None
-    if resume != "auto":
-        path = Path(resume)
+    if cfg.resume != "auto":
+        path = Path(cfg.resume)
         if not path.is_file():
-            raise UserError(f"--resume {resume}: no such checkpoint file: pass a .ckpt path, or --resume auto")
+            raise UserError(f"--resume {cfg.resume}: no such checkpoint file: pass a .ckpt path, or --resume auto")
     else:
         path = Path(output) / "checkpoints" / "last.ckpt"
         if not path.is_file():
             return None
-    try:  # mmap: only the hyperparameters are read here, however large the checkpoint
-        checkpoint = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
-    except Exception as e:
-        raise UserError(f"cannot read {path} ({str(e).splitlines()[0][:100]}): pass an fcmae {command} "
-                        f"checkpoint to --resume, or --no-resume to start over") from None
-    if not isinstance(checkpoint, dict) or "loops" not in checkpoint:
-        raise UserError(f"{path} is not a Lightning checkpoint of `fcmae {command}`: pass one to --resume "
-                        f"(<run>/checkpoints/last.ckpt), or --no-resume")
-    saved = checkpoint.get("hyper_parameters", {})
+    saved = read_run_checkpoint(path, command, trust=cfg.trust_checkpoint).get("hyper_parameters", {})
     for key, value in expected.items():
         if key in saved and saved[key] != value:
             raise UserError(f"{path} was trained with {key}={saved[key]}, this run asks for {value}: "
@@ -39,8 +179,38 @@ def resume_checkpoint(command, no_resume, resume, output, expected):
     return str(path)
 
 
-def make_precision(precision):
-    """`auto` -> bf16-mixed on GPUs that support it, else 32; other values pass through."""
-    if precision != "auto":
-        return precision
-    return "bf16-mixed" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "32"
+def print_config(resolved):
+    """Print the run's resolved configuration as YAML (once, on rank 0); with --dry-run the
+    command stops after this."""
+    if rank_zero_only.rank == 0:
+        print(yaml.safe_dump(resolved, sort_keys=False), end="", flush=True)
+
+
+def write_config(output, resolved):
+    """<output>/config.yaml, atomically (a crash leaves the previous one or none)."""
+    atomic_write(Path(output) / "config.yaml", lambda tmp: tmp.write_text(yaml.safe_dump(resolved, sort_keys=False)))
+
+
+# ----------------------------------------------------------------------------- training
+
+def fit(trainer, module, resolved, ckpt_path=None, **data):
+    """Write config.yaml and train: `trainer.fit(module, **data, ckpt_path=...)`. A non-finite
+    loss comes out as NonFiniteLoss naming the last good checkpoint (LastCheckpoint's), if any."""
+    output = Path(resolved["output"])
+    if trainer.is_global_zero:
+        write_config(output, resolved)
+    if trainer.strategy.root_device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
+        # Leave the loader workers their cores: oversubscribed OpenMP threads spin against each
+        # other (measured: 2 threads + 1 worker on 2 busy cores ran 5x slower than 1 thread).
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+        torch.set_num_threads(max(1, (cores - resolved["workers"]) // trainer.num_devices))
+    torch.set_float32_matmul_precision("high")  # TF32 matmuls on GPUs that have them
+    try:
+        # Lightning reads the checkpoint through AtomicCheckpointIO.load_checkpoint, which
+        # unpickles fully only when told the file is trusted.
+        trainer.fit(module, ckpt_path=ckpt_path, weights_only=not resolved.get("trust_checkpoint", False), **data)
+    except NonFiniteLoss as e:
+        last = next((cb for cb in trainer.callbacks if isinstance(cb, LastCheckpoint)), None)
+        if last is not None and last.saved_step and last.path.is_file():
+            e.checkpoint = (last.path, last.saved_step)
+        raise

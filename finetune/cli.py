@@ -15,20 +15,17 @@ from pathlib import Path
 from typing import Literal, Optional, Union
 
 import lightning as L
-import torch
-import yaml
 from jsonargparse import ActionConfigFile, ActionYesNo, ArgumentParser
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
-from lightning.pytorch.loggers import TensorBoardLogger
 
-from fcmae.callbacks import AtomicCheckpointIO, SkippedFiles
+from fcmae import runs
 from fcmae.encoders import ConvNeXtV2
 from fcmae.encoders.convnextv2 import size_config
 from fcmae.errors import UserError
 from fcmae.finetune import data, layer_decay
 from fcmae.finetune.module import FinetuneModule
-from fcmae.finetune.weights import classifier_state_dict, load_pretrained, save_classifier
-from fcmae.runs import make_precision, resume_checkpoint
+from fcmae.checkpoints import classifier_state_dict, save_weights
+from fcmae.finetune.weights import load_pretrained
 
 DEFAULT_MODEL = "base"
 
@@ -54,7 +51,6 @@ def build_parser():
     g.add_argument("--drop-path", type=float, default=0.1, help="stochastic depth rate")
     g = p.add_argument_group("data and augmentation")
     g.add_argument("--data", type=Optional[str], default=None, help="folder with train/ and val/ class folders")
-    g.add_argument("--workers", type=int, default=8, help="data loader processes per device")
     g.add_argument("--strict-data", action="store_true",
                    help="stop at the first unreadable image (default: skip it with a warning naming it, "
                         "count skips per epoch as data/skipped)")
@@ -65,62 +61,30 @@ def build_parser():
     g.add_argument("--smoothing", type=float, default=0.1, help="label smoothing")
     g.add_argument("--crop-pct", type=Optional[float], default=None, help="eval: resize to input/crop_pct, center-crop "
                    "(default 224/256; 1.0 from 384 px)")
-    g = p.add_argument_group("optimization")
-    g.add_argument("--batch-size", type=int, default=32, help="images per device per step")
+    g = runs.add_optimization_flags(p, batch_size=32, epochs=100, blr=6.25e-4, min_lr=1e-6, warmup_epochs=20)
     g.add_argument("--effective-batch", type=Optional[int], default=1024,
                    help="images per optimizer step; sets --accumulate from the device count unless that is given")
     g.add_argument("--accumulate", type=Optional[int], default=None, help="gradient accumulation steps")
-    g.add_argument("--epochs", type=int, default=100, help="length of the lr schedule")
-    g.add_argument("--max-steps", type=int, default=-1, help="stop after this many optimizer steps; -1: no limit")
-    g.add_argument("--blr", type=float, default=6.25e-4, help="base lr, per 256 images of effective batch")
-    g.add_argument("--lr", type=Optional[float], default=None, help="absolute lr (overrides --blr)")
-    g.add_argument("--min-lr", type=float, default=1e-6, help="lr at the end of the cosine")
-    g.add_argument("--warmup-epochs", type=float, default=20, help="linear warmup length")
-    g.add_argument("--weight-decay", type=float, default=0.05, help="not on biases, norm weights, GRN gamma/beta")
     g.add_argument("--layer-decay", type=float, default=0.6, help="layer-wise lr decay (1: off)")
     g.add_argument("--layer-decay-type", type=Literal["single", "group"], default="group",
                    help="single: an id per block; group: the third stage three blocks at a time (base and larger)")
     g.add_argument("--ema", action=ActionYesNo(no_prefix="no-"), default=True,
                    help="keep an EMA of the weights and evaluate it beside them (--no-ema: off)")
     g.add_argument("--ema-decay", type=float, default=0.9999)
-    g.add_argument("--seed", type=int, default=0)
     g = p.add_argument_group("linear probe (MAE's recipe, with --linear-probe)")
     g.add_argument("--probe.blr", type=float, default=0.1, help="base lr (LARS)")
     g.add_argument("--probe.weight-decay", type=float, default=0.0)
     g.add_argument("--probe.epochs", type=int, default=90)
     g.add_argument("--probe.warmup-epochs", type=float, default=10)
-    g = p.add_argument_group("hardware")
-    g.add_argument("--accelerator", type=str, default="auto", help="auto | cpu | gpu | ...")
-    g.add_argument("--devices", type=Union[int, str], default="auto", help="devices per node: N, 'auto' or '0,1'")
-    g.add_argument("--num-nodes", type=int, default=1)
-    g.add_argument("--precision", type=Literal["auto", "32", "bf16-mixed", "16-mixed"], default="auto",
-                   help="auto = bf16-mixed on GPUs that support it, else 32")
-    g = p.add_argument_group("run directory")
-    g.add_argument("--output", type=Optional[str], default=None,
-                   help="run directory (default: runs/<model>-finetune or runs/<model>-linprobe)")
-    g.add_argument("--resume", type=str, default="auto",
-                   help="'auto': continue from <output>/checkpoints/last.ckpt if present; or a .ckpt path")
-    g.add_argument("--no-resume", action="store_true",
-                   help="start from scratch even if <output> holds checkpoints (they are overwritten)")
-    g.add_argument("--log-every", type=int, default=50, help="steps between scalar logs")
-    g.add_argument("--dry-run", action="store_true", help="print the resolved configuration and exit")
+    runs.add_hardware_flags(p, strategy=False)
+    runs.add_run_flags(p, output_help="run directory (default: runs/<model>-finetune or runs/<model>-linprobe)")
     return p
 
 
-def device_count(devices):
-    """How many devices Lightning's `devices` will use on this node."""
-    if isinstance(devices, (list, tuple)):
-        return len(devices)
-    if str(devices) in ("auto", "-1"):
-        return max(1, torch.cuda.device_count())
-    if isinstance(devices, str) and "," in devices:
-        return len([d for d in devices.split(",") if d.strip()])
-    return int(devices)
-
-
-def batch_plan(cfg):
-    """(accumulate, effective batch): --accumulate wins; else it comes from --effective-batch."""
-    world = device_count(cfg.devices) * cfg.num_nodes
+def batch_plan(cfg, world=None):
+    """(accumulate, effective batch) on `world` processes (default: as the hardware flags give):
+    --accumulate wins; else it comes from --effective-batch."""
+    world = world or runs.world_size(cfg)
     per_step = cfg.batch_size * world
     accumulate = cfg.accumulate
     if accumulate is None:
@@ -140,13 +104,9 @@ def check(cfg):
     """Cheap checks of the options, before any data is scanned."""
     if not cfg.data:
         raise UserError("no --data given: pass a folder holding train/<class>/<image> and val/<class>/<image>")
-    for name in ("batch_size", "epochs", "log_every"):
-        if cfg[name] < 1:
-            raise UserError(f"--{name.replace('_', '-')} {cfg[name]}: must be at least 1")
+    runs.check(cfg)
     if cfg.accumulate is not None and cfg.accumulate < 1 or (cfg.effective_batch or 1) < 1:
         raise UserError("--accumulate and --effective-batch must be at least 1 (or null)")
-    if cfg.workers < 0:
-        raise UserError(f"--workers {cfg.workers}: must be 0 (load in the training process) or more")
     try:
         depths, _ = size_config(cfg.model)
     except (ValueError, KeyError, TypeError) as e:
@@ -202,10 +162,12 @@ def resolve(cfg):
     """Flags -> the run's values: the recipe in force (fine-tuning or probe), batch plan, lr."""
     check(cfg)
     r = recipe(cfg)
-    accumulate, effective_batch = batch_plan(cfg)
+    world = runs.world_size(cfg)
+    accumulate, effective_batch = batch_plan(cfg, world)
     kind = "linprobe" if cfg.linear_probe else "finetune"
     resolved = {**cfg.clone().as_dict(), **r, "accumulate": accumulate, "effective_batch": effective_batch,
-                "world_size": device_count(cfg.devices) * cfg.num_nodes, "precision": make_precision(cfg.precision),
+                "world_size": world,
+                "precision": runs.make_precision(cfg.precision),
                 "lr": cfg.lr if cfg.lr is not None else r["blr"] * effective_batch / 256,
                 "output": cfg.output or f"runs/{model_name(cfg.model)}-{kind}"}
     resolved.pop("config", None)  # its values are in here now
@@ -222,9 +184,10 @@ def train(cfg):
     warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
     rv = resolve(cfg)
     output = Path(rv["output"])
-    ckpt_path = resume_checkpoint("finetune", cfg.no_resume, cfg.resume, output,
-                                  {"arch": cfg.model, "in_chans": cfg.in_chans, "linear_probe": cfg.linear_probe})
-    print(yaml.safe_dump({**rv, "resume_from": ckpt_path}, sort_keys=False), end="", flush=True)
+    ckpt_path = runs.resume_checkpoint("finetune", cfg, output,
+                                       {"arch": cfg.model, "in_chans": cfg.in_chans, "linear_probe": cfg.linear_probe})
+    rv["resume_from"] = ckpt_path
+    runs.print_config(rv)
     if cfg.dry_run:
         return None
     L.seed_everything(cfg.seed, workers=True, verbose=False)
@@ -246,7 +209,7 @@ def train(cfg):
     if ckpt_path:
         print(f"resuming from {ckpt_path}" + (" (its weights replace --pretrained)" if cfg.pretrained else ""))
     elif cfg.pretrained:
-        load_pretrained(model, cfg.pretrained)
+        load_pretrained(model, cfg.pretrained, trust=cfg.trust_checkpoint)
     else:
         print("no --pretrained: training from scratch (the supervised baseline)")
     print(f"{len(train_set)} train / {len(val_set)} val images, {len(train_set.classes)} classes")
@@ -258,17 +221,11 @@ def train(cfg):
                             crop_pct=cfg.crop_pct, classes=train_set.classes, config=rv)
 
     summary = EpochSummary(output / "metrics.jsonl")
-    trainer = L.Trainer(
-        accelerator=cfg.accelerator, devices=cfg.devices, num_nodes=cfg.num_nodes, precision=rv["precision"],
-        max_epochs=rv["epochs"], max_steps=cfg.max_steps, accumulate_grad_batches=rv["accumulate"],
-        logger=TensorBoardLogger(output, name="tensorboard", version=""),
-        callbacks=[ModelCheckpoint(output / "checkpoints", save_last=True, save_top_k=0), SkippedFiles(), summary],
-        plugins=[AtomicCheckpointIO()], log_every_n_steps=cfg.log_every, default_root_dir=output)
-    if trainer.is_global_zero:
-        output.mkdir(parents=True, exist_ok=True)
-        (output / "config.yaml").write_text(yaml.safe_dump(rv, sort_keys=False))
-    trainer.fit(module, data.loader(train_set, cfg.batch_size, cfg.workers, train=True),
-                data.loader(val_set, cfg.batch_size, cfg.workers, train=False), ckpt_path=ckpt_path)
+    trainer = runs.make_trainer(cfg, output, [ModelCheckpoint(output / "checkpoints", save_last=True, save_top_k=0),
+                                              summary], epochs=rv["epochs"], accumulate=rv["accumulate"])
+    runs.fit(trainer, module, rv, ckpt_path,
+             train_dataloaders=data.loader(train_set, cfg.batch_size, cfg.workers, train=True),
+             val_dataloaders=data.loader(val_set, cfg.batch_size, cfg.workers, train=False))
 
     classifier = output / "classifier.safetensors"
     if trainer.is_global_zero:
@@ -282,12 +239,12 @@ def write_classifiers(module, output, last):
     hp = module.hparams
     meta = {"kind": "classifier", "input_size": hp.input_size, "crop_pct": hp.crop_pct, "classes": hp.classes,
             "linear_probe": hp.linear_probe}
-    save_classifier(output / "classifier.safetensors", classifier_state_dict(state), ema=False,
-                    top1=last.get("top1"), **meta)
+    save_weights(output / "classifier.safetensors", classifier_state_dict(state),
+                 {**meta, "ema": False, "top1": last.get("top1")})
     written = ["classifier.safetensors"]
     if module.model_ema is not None:
-        save_classifier(output / "classifier_ema.safetensors", classifier_state_dict(state, ema=True), ema=True,
-                        top1=last.get("ema_top1"), **meta)
+        save_weights(output / "classifier_ema.safetensors", classifier_state_dict(state, ema=True),
+                     {**meta, "ema": True, "top1": last.get("ema_top1")})
         written.append("classifier_ema.safetensors")
     print(f"wrote {', '.join(str(output / w) for w in written)}")
 

@@ -7,17 +7,16 @@ classifier.safetensors a run writes, or a dense fine-tuned checkpoint of the pub
 The architecture is read off the weights; the data is DIR/val (or DIR itself if it is a bare
 tree of class folders).
 """
-from typing import Literal, Optional, Union
+from typing import Optional
 
-import lightning as L
 from jsonargparse import ActionConfigFile, ArgumentParser
 
+from fcmae import runs
 from fcmae.checkpoints import read_weights
 from fcmae.encoders import ConvNeXtV2
 from fcmae.errors import UserError
 from fcmae.finetune import data
 from fcmae.finetune.module import FinetuneModule
-from fcmae.runs import make_precision
 
 
 def build_parser():
@@ -33,12 +32,7 @@ def build_parser():
     p.add_argument("--input-size", type=Optional[int], default=None, help="default: the training run's, else 224")
     p.add_argument("--crop-pct", type=Optional[float], default=None, help="resize = input / crop_pct (default 224/256)")
     p.add_argument("--batch-size", type=int, default=64, help="per device")
-    p.add_argument("--accelerator", type=str, default="auto", help="auto | cpu | gpu | ...")
-    p.add_argument("--devices", type=Union[int, str], default=1)
-    p.add_argument("--num-nodes", type=int, default=1)
-    p.add_argument("--precision", type=Literal["auto", "32", "bf16-mixed", "16-mixed"], default="auto",
-                   help="auto = bf16-mixed on GPUs that support it, else 32")
-    p.add_argument("--workers", type=int, default=8)
+    runs.add_hardware_flags(p, devices=1, strategy=False)
     return p
 
 
@@ -62,8 +56,8 @@ def evaluate(cfg):
 
     classifier = ConvNeXtV2(model, in_chans, num_classes)
     classifier.load_state_dict(weights.state)
-    trainer = L.Trainer(accelerator=cfg.accelerator, devices=cfg.devices, num_nodes=cfg.num_nodes, logger=False,
-                        enable_checkpointing=False, precision=make_precision(cfg.precision))
+    trainer = runs.hardware_trainer(cfg, logger=False, enable_checkpointing=False,
+                                    precision=runs.make_precision(cfg.precision))
     metrics = trainer.validate(FinetuneModule(classifier), data.loader(val, cfg.batch_size, cfg.workers, train=False),
                                verbose=False)[0]
     out = {"top1": metrics["val/top1"], "top5": metrics["val/top5"], "loss": metrics["val/loss"], "images": len(val)}

@@ -11,22 +11,12 @@ Each parameter gets a layer id; its lr is scaled by decay ** (num_layers + 1 - i
   stage 1 and its downsample -> 2, the third stage's 27 blocks three at a time -> 3..11 (its
   downsample joins the first group, 3), the last stage and its downsample -> 12, the rest 13.
 
-timm's `param_groups_layer_decay` builds the groups (and the no-weight-decay split) from a
-model's `group_matcher`; our dense model has none, so `_WithLayerIds` hands it the rule above.
-timm renumbers ids to be consecutive and scales by decay ** (max_id - id): the same scales as
-the release whenever the used ids are contiguous, which both rules guarantee ("single" never
-uses id 0, so every id shifts by one and the exponents are unchanged).
+`lr_scale` is what fcmae.optim.param_groups takes as the per-parameter multiplier.
 """
-from timm.optim import param_groups_layer_decay
-
 from fcmae.errors import UserError
 
 TYPES = ("single", "group")
 GROUP_DEPTHS = (3, 3, 27, 3)  # the only layout the release's "group" rule is written for
-
-# Never weight-decayed besides 1-D tensors (biases, norm weights): GRN's gamma/beta are
-# (1, 1, 1, C) in the public layout, so timm's 1-D rule alone would miss them.
-NO_WEIGHT_DECAY = ("*grn.gamma", "*grn.beta")
 
 
 def num_layers(depths, decay_type):
@@ -52,7 +42,7 @@ def layer_id(name, depths, decay_type="single"):
 
 
 def lr_scale(name, depths, decay, decay_type="single"):
-    """The release's lr multiplier of parameter `name` (what the tests check timm against)."""
+    """The release's lr multiplier of parameter `name`."""
     return decay ** (num_layers(depths, decay_type) + 1 - layer_id(name, depths, decay_type))
 
 
@@ -63,23 +53,3 @@ def check(depths, decay_type):
         raise UserError(f"--layer-decay-type group is the release's grouping for depths {GROUP_DEPTHS} "
                         f"(base, large, huge); this model has depths {tuple(depths)}: use single")
 
-
-class _WithLayerIds:
-    """Just enough of a timm model for `param_groups_layer_decay`: parameters + a matcher."""
-
-    def __init__(self, model, decay_type):
-        self.model, self.decay_type = model, decay_type
-
-    def named_parameters(self):
-        return self.model.named_parameters()
-
-    def group_matcher(self, coarse=False):
-        return lambda name: layer_id(name, self.model.depths, self.decay_type)
-
-
-def param_groups(model, weight_decay, layer_decay, decay_type="single"):
-    """AdamW parameter groups with `lr_scale` (applied by timm's schedulers) and weight decay
-    off for biases, norm weights and GRN gamma/beta."""
-    check(model.depths, decay_type)
-    return param_groups_layer_decay(_WithLayerIds(model, decay_type), weight_decay=weight_decay,
-                                    no_weight_decay_list=NO_WEIGHT_DECAY, layer_decay=layer_decay)

@@ -1,12 +1,10 @@
 """The fine-tuning LightningModule: only what is specific to fine-tuning (Mixup/CutMix, the loss,
-layer-decayed AdamW, the per-step cosine schedule, the weight EMA, the linear probe). Lightning
+layer-decayed AdamW, the weight EMA, the linear probe). Lightning
 owns the loop, devices, precision, checkpoints and logging.
 
 `self.model` is the dense ConvNeXtV2 and `self.model_ema` timm's ModelEmaV3 of it, so a
 checkpoint holds the classifier as `model.*` and its EMA as `model_ema.module.*`.
 """
-import math
-
 import lightning as L
 import torch
 import torch.nn as nn
@@ -14,13 +12,13 @@ from timm.data import Mixup
 from timm.layers import trunc_normal_
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.optim import Lars
-from timm.scheduler import CosineLRScheduler
 from timm.utils import ModelEmaV3, accuracy
 
-from fcmae.finetune.layer_decay import param_groups
+from fcmae.finetune import layer_decay
+from fcmae.optim import StepSchedule, no_weight_decay, param_groups
 
 
-class FinetuneModule(L.LightningModule):
+class FinetuneModule(StepSchedule, L.LightningModule):
     def __init__(self, model, lr=1e-3, min_lr=1e-6, warmup_epochs=0, weight_decay=0.05, layer_decay=1.0,
                  layer_decay_type="single", mixup=0.0, cutmix=0.0, smoothing=0.0, ema_decay=None,
                  linear_probe=False, **record):
@@ -30,6 +28,7 @@ class FinetuneModule(L.LightningModule):
         super().__init__()
         self.save_hyperparameters(ignore=["model"])
         self.model = model
+        self.no_weight_decay = no_weight_decay(model)  # before a sharding strategy flattens the parameters
         self.linear_probe = linear_probe
         if linear_probe:
             # MAE's linear probe: frozen encoder, BatchNorm without affine on the pooled
@@ -103,17 +102,12 @@ class FinetuneModule(L.LightningModule):
                       {"params": [self.model.head.bias], "weight_decay": 0.0}]
             optimizer = Lars(groups, lr=hp.lr, momentum=0.9)
         else:
-            groups = param_groups(self.model, hp.weight_decay, hp.layer_decay, hp.layer_decay_type)
+            depths = self.model.depths
+            layer_decay.check(depths, hp.layer_decay_type)
+            groups = param_groups(self.model, hp.weight_decay, self.no_weight_decay,
+                                  lr_scale=lambda name: layer_decay.lr_scale(name, depths, hp.layer_decay,
+                                                                             hp.layer_decay_type))
             optimizer = torch.optim.AdamW(groups, lr=hp.lr)
-        # Per-step cosine after a linear warmup from 0, as the release's schedule; timm multiplies
-        # each group's lr by its `lr_scale` (layer decay).
-        total = self.trainer.estimated_stepping_batches
-        per_epoch = max(1, math.ceil(self.trainer.num_training_batches / self.trainer.accumulate_grad_batches))
-        warmup = min(int(hp.warmup_epochs * per_epoch), total - 1)
-        scheduler = CosineLRScheduler(optimizer, t_initial=max(1, total - warmup), lr_min=hp.min_lr,
-                                      warmup_t=warmup, warmup_lr_init=0.0, warmup_prefix=True, t_in_epochs=False)
-        scheduler.step_update(num_updates=0)  # the first step's lr, with each group's scale applied
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
-
-    def lr_scheduler_step(self, scheduler, metric):
-        scheduler.step_update(num_updates=self.global_step)
+        # Per-step cosine after a linear warmup from 0, as the release's schedule; each group's
+        # lr_scale (layer decay) multiplies it.
+        return {"optimizer": optimizer, "lr_scheduler": self.lr_schedule(optimizer, hp.warmup_epochs, hp.min_lr)}

@@ -8,10 +8,10 @@ model tensor for tensor. Reading and writing files is fcmae.checkpoints' job.
 import torch
 from timm.layers import trunc_normal_
 
-from fcmae.checkpoints import KINDS, classifier_state_dict, read_weights, save_weights, size_name
+from fcmae.checkpoints import KINDS, read_weights, size_name
 from fcmae.errors import UserError
 
-__all__ = ["load_pretrained", "classifier_state_dict", "save_classifier"]
+__all__ = ["load_pretrained"]
 
 HEAD = ("head.weight", "head.bias")
 
@@ -59,8 +59,3 @@ def load_pretrained(model, path, trust=False):
     print(f"  missing (left at init): {', '.join(missing) or 'none'}")
     print(f"  unexpected: none; dropped (other class count): {', '.join(dropped) or 'none'}")
     return {"loaded": sorted(state), "missing": missing, "dropped": dropped, "kind": kind}
-
-
-def save_classifier(path, state, **metadata):
-    """Kept for callers of the old name: fcmae.checkpoints.save_weights(path, state, metadata)."""
-    save_weights(path, {k: v.float() for k, v in state.items()}, metadata)

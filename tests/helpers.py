@@ -1,4 +1,5 @@
 """Small shared test helpers (imported by test modules; tests/ is on sys.path under pytest)."""
+import math
 import os
 
 import pytest
@@ -25,3 +26,12 @@ def minkowski():
         import MinkowskiEngine
         return MinkowskiEngine
     return pytest.importorskip("MinkowskiEngine", reason="MinkowskiEngine not installed (scripts/install_minkowski.sh)")
+
+
+def warmup_cosine(step, warmup_steps, total_steps, min_ratio=0.0):
+    """The reference lr multiplier at optimizer step `step` (pre-training's original hand-written
+    schedule): linear warmup from 0, then cosine to min_ratio."""
+    if step < warmup_steps:
+        return step / warmup_steps
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))

@@ -23,6 +23,7 @@ from fcmae.finetune.cli import DEFAULT_MODEL, batch_plan, build_parser, resolve
 from fcmae.finetune.module import FinetuneModule
 from fcmae.checkpoints import classifier_state_dict, read_weights, save_weights
 from fcmae.finetune.weights import load_pretrained
+from fcmae.optim import param_groups
 from fcmae.cli import with_recipe
 
 COLORS = {"blue_triangle": (40, 70, 220), "green_square": (40, 200, 60), "red_circle": (220, 40, 40)}
@@ -113,7 +114,8 @@ def scales(model, decay, decay_type, weight_decay=0.05):
     """name -> (lr_scale, weight_decay) from the optimizer groups, each parameter exactly once."""
     names = {id(p): n for n, p in model.named_parameters()}
     out = {}
-    for group in layer_decay.param_groups(model, weight_decay, decay, decay_type):
+    lr_scale = lambda name: layer_decay.lr_scale(name, model.depths, decay, decay_type)  # noqa: E731
+    for group in param_groups(model, weight_decay, lr_scale=lr_scale):
         for p in group["params"]:
             assert names[id(p)] not in out
             out[names[id(p)]] = (group["lr_scale"], group["weight_decay"])

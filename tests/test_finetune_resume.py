@@ -1,7 +1,6 @@
 """`fcmae finetune` resumed: N steps, then the same command with 2N, against 2N straight,
 compared on the weights (tests/test_finetune_run.py checks only the step count)."""
 import pytest
-import torch
 from test_finetune import shapes_dataset
 from test_finetune_run import finetune
 

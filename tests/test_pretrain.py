@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from helpers import warmup_cosine
 from PIL import Image
 
 from fcmae.callbacks import AtomicCheckpointIO, reconstruction_grid
@@ -14,7 +15,7 @@ from fcmae.cli import with_recipe
 from fcmae.data import PretrainData, ResumableSampler
 from fcmae.encoders import SIZES
 from fcmae.errors import UserError
-from fcmae.module import PretrainModule, warmup_cosine
+from fcmae.module import PretrainModule
 from fcmae.pretrain import DEFAULT_MODEL, DEMO, build_parser, fit, resolve
 
 # A run small enough for 2 shared CPU cores: each step takes well under a second.
@@ -169,8 +170,8 @@ def test_sampler_shards_and_resumes_mid_epoch():
 
 def test_weight_decay_groups_and_schedule():
     module = PretrainModule({"depths": [1, 1, 1, 1], "dims": [8, 16, 32, 64]}, input_size=64, decoder_dim=16,
-                            lr=1.0, warmup_steps=10, total_steps=110)
-    opt = module.configure_optimizers()["optimizer"]
+                            lr=1.0)
+    opt = module.make_optimizer()
     decay = {id(p) for g in opt.param_groups if g["weight_decay"] > 0 for p in g["params"]}
     for name, p in module.named_parameters():
         excluded = name.endswith((".bias", "grn.gamma", "grn.beta")) or p.ndim == 1

@@ -15,10 +15,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import warmup_cosine
 
 from fcmae.callbacks import AtomicCheckpointIO
 from fcmae.model import FCMAE
-from fcmae.module import warmup_cosine
 from fcmae.pretrain import fit
 
 from .conftest import FINETUNE, PRETRAIN, checkpoint_step, error_line, labeled_folder, run_command
@@ -206,7 +206,10 @@ def test_a_run_killed_mid_epoch_resumes_from_its_last_checkpoint(tmp_path, pretr
     saved = torch.load(last, weights_only=False)
     k = saved["global_step"]
     assert 2 <= k < steps and k % 2 == 0  # a checkpoint of the 2-step interval: at most 2 steps lost
-    assert saved["optimizer_states"][0]["state"][0]["step"] == k and saved["lr_schedulers"][0]["last_epoch"] == k
+    assert saved["optimizer_states"][0]["state"][0]["step"] == k
+    config = saved["hyper_parameters"]["config"]  # the lr schedule stood at step k too
+    assert saved["optimizer_states"][0]["param_groups"][0]["lr"] == pytest.approx(
+        1e-3 * warmup_cosine(k, config["warmup_steps"], config["total_steps"]))
 
     with open(tmp_path / "second.log", "w") as log:
         rerun = run_command(["pretrain", *args], stdout=log, stderr=subprocess.STDOUT)
@@ -259,9 +262,10 @@ def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(fcma
     assert trainer.global_step == 8
     # the resumed run follows the new lr: base lr and the schedule's current value
     scheduler, optimizer = trainer.lr_scheduler_configs[0].scheduler, trainer.optimizers[0]
-    assert scheduler.base_lrs == [5e-4, 5e-4]
-    hp = module.hparams
-    assert optimizer.param_groups[1]["lr"] == pytest.approx(5e-4 * warmup_cosine(8, hp.warmup_steps, hp.total_steps))
+    assert scheduler.base_values == [5e-4, 5e-4]
+    hp = module.hparams.config  # the resolved configuration the run printed
+    assert optimizer.param_groups[1]["lr"] == pytest.approx(
+        5e-4 * warmup_cosine(8, hp["warmup_steps"], hp["total_steps"]))
 
 
 def fail_on_save(monkeypatch, at_call, seen):
