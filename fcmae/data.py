@@ -69,14 +69,15 @@ def convert_image(img, mode="RGB"):
     return img.convert(mode)
 
 
-def load_image(path, mode="RGB"):
-    """Read and decode one image file fully, or raise BadFile naming it."""
+def load_image(path, mode="RGB", name=None):
+    """Read and decode one image file (a path or a file object) fully, or raise BadFile naming
+    it (`name`, default the path)."""
     try:
         with Image.open(path) as img:
             img.load()  # decode now: a truncated or corrupt file fails here, not in a transform
             return convert_image(img, mode)
     except (OSError, ValueError, SyntaxError, EOFError) as e:  # what Pillow raises for bad files
-        raise BadFile(f"{path} ({reason(e)})") from e
+        raise BadFile(f"{name or path} ({reason(e)})") from e
 
 
 def reason(e):
@@ -165,15 +166,16 @@ class FileSamples(Dataset):
         return read_or_skip(self.read, index, len(self), lambda i: self.paths[i], self.strict)
 
 
-def read_array(path, in_chans=None):
-    """.npy (C, H, W) -> tensor; uint8 -> float in [0, 1], other dtypes -> float32 as stored.
-    A file that does not load, or is not (in_chans, H, W), is a BadFile."""
+def read_array(path, in_chans=None, name=None):
+    """.npy (C, H, W) (a path or a file object) -> tensor; uint8 -> float in [0, 1], other dtypes
+    -> float32 as stored. A file that does not load, or is not (in_chans, H, W), is a BadFile."""
+    name = name or path
     try:
-        x = torch.from_numpy(np.load(path))
+        x = torch.from_numpy(np.load(path))  # allow_pickle=False: loading never runs code
     except (OSError, ValueError, EOFError) as e:
-        raise BadFile(f"{path} ({reason(e)})") from e
+        raise BadFile(f"{name} ({reason(e)})") from e
     if x.ndim != 3 or (in_chans is not None and x.shape[0] != in_chans):
-        raise BadFile(f"{path} (array of shape {tuple(x.shape)}, expected ({in_chans or 'C'}, H, W): "
+        raise BadFile(f"{name} (array of shape {tuple(x.shape)}, expected ({in_chans or 'C'}, H, W): "
                       f"save one sample per .npy file)")
     return x.float() / 255 if x.dtype == torch.uint8 else x.float()
 
@@ -268,13 +270,19 @@ class MaskedViews(Dataset):
 
     def item(self, key):
         sample, skipped = self.source[key % len(self.source)]
-        # Seed the augmentation per sample: reproducible whichever process draws it. fork_rng
-        # keeps the caller's global RNG untouched (with 0 workers that is the training process).
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(self.seed * 1_000_003 + key)
-            view = self.transform(sample)
-            mask = random_mask(1, self.grid, self.grid, self.mask_ratio)[0]
+        view, mask = augment(self.transform, sample, self.grid, self.mask_ratio, self.seed * 1_000_003 + key)
         return view, mask, skipped
+
+
+def augment(transform, sample, grid, mask_ratio, seed):
+    """(view, mask) of one sample, both drawn from a generator seeded with `seed`: reproducible
+    whichever process draws them. fork_rng keeps the caller's global RNG untouched (with 0
+    workers that is the training process)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        view = transform(sample)
+        mask = random_mask(1, grid, grid, mask_ratio)[0]
+    return view, mask
 
 
 class CountingViews(Dataset):
@@ -320,7 +328,7 @@ class PretrainData(L.LightningDataModule):
     rank its shard of every epoch; after a resume, the rest of the interrupted epoch."""
 
     def __init__(self, data="demo", input_size=224, in_chans=3, mask_ratio=0.6, batch_size=64,
-                 workers=8, seed=0, pin_memory=False, strict=False):
+                 workers=8, seed=0, pin_memory=False, strict=False, samples_per_epoch=None, shuffle_buffer=1000):
         super().__init__()
         if input_size % PATCH_SIZE:
             raise UserError(f"--input-size {input_size} is not a multiple of {PATCH_SIZE}: "
@@ -332,18 +340,34 @@ class PretrainData(L.LightningDataModule):
         if num_visible(patches, mask_ratio) < 1:
             raise UserError(f"--mask-ratio {mask_ratio} leaves no visible patch of the {patches} in a "
                             f"{input_size}px crop: use a lower ratio or a larger --input-size")
+        from fcmae.shards import is_shards, open_shards
+        self.batch_size, self.workers, self.seed, self.pin_memory = batch_size, workers, seed, pin_memory
+        self.sampler = None
+        self.shards = data != "demo" and is_shards(data)
+        if self.shards:  # WebDataset shards (fcmae/shards.py)
+            def transform_for(arrays):
+                self.norm = normalization(in_chans, arrays)
+                return pretrain_transform(input_size, self.norm)
+            self.dataset, _ = open_shards(data, in_chans, samples_per_epoch, transform_for, input_size, mask_ratio,
+                                          seed, batch_size, shuffle_buffer, strict)
+            self.epoch_samples = self.dataset.samples
+            return
+        if samples_per_epoch is not None:
+            raise UserError(f"--samples-per-epoch is for shards (a folder's epoch is all its files): drop it, "
+                            f"or point --data at shards")
         source, arrays = find_source(data, in_chans, input_size, strict)
         self.norm = normalization(in_chans, arrays)  # for un-normalizing reconstructions
         self.dataset = MaskedViews(source, pretrain_transform(input_size, self.norm), input_size, mask_ratio, seed)
-        self.batch_size, self.workers, self.seed, self.pin_memory = batch_size, workers, seed, pin_memory
-        self.sampler = None
+        self.epoch_samples = len(self.dataset)
 
     def batches_per_epoch(self, world_size):
         """Full batches one rank gets per epoch (drop_last)."""
-        return len(self.dataset) // world_size // self.batch_size
+        return self.epoch_samples // world_size // self.batch_size
 
     def train_dataloader(self):
         trainer = self.trainer
+        if self.shards:
+            return self.shard_loader(trainer)
         self.sampler = ResumableSampler(len(self.dataset), trainer.world_size, trainer.global_rank, self.seed)
         epoch, batches_done = self.position(trainer)
         self.sampler.set_epoch(epoch)
@@ -366,7 +390,19 @@ class PretrainData(L.LightningDataModule):
             return trainer.current_epoch + 1, 0
         return trainer.current_epoch, batches_done
 
+    def shard_loader(self, trainer):
+        from fcmae.shards import EpochLoader, need_shards
+        refusal = need_shards(len(self.dataset.urls), trainer.world_size, self.workers)
+        if refusal:
+            raise UserError(refusal)
+        self.dataset.place(trainer.global_rank, trainer.world_size)
+        return EpochLoader(self.dataset, lambda: trainer.current_epoch, self.position(trainer),
+                           batch_size=self.batch_size, drop_last=True, num_workers=self.workers,
+                           pin_memory=self.pin_memory)
+
     def preview(self, n=8):
         """A fixed batch (the first n keys: same views and masks every call) for reconstructions."""
+        if self.shards:
+            return self.dataset.preview(n)
         views, masks = zip(*(self.dataset[k] for k in range(min(n, len(self.dataset)))))
         return torch.stack(views), torch.stack(masks)

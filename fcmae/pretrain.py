@@ -63,11 +63,17 @@ def build_parser():
     g.add_argument("--drop-path", type=float, default=0.0, help="stochastic depth rate of the encoder")
     g = p.add_argument_group("data")
     g.add_argument("--data", type=str, default="demo",
-                   help="'demo' (built-in images), DIR/train/<class>/<image> (ImageNet), or a folder of images/.npy")
+                   help="'demo' (built-in images), DIR/train/<class>/<image> (ImageNet), a folder of images/.npy, or "
+                        "WebDataset shards: a folder with index.json (fcmae shard), a pattern "
+                        "(/data/shard-{000000..000999}.tar) or URLs (https://..., 'pipe:aws s3 cp s3://.../shard-{...}.tar -')")
     g.add_argument("--workers", type=int, default=8, help="data loader processes per device")
     g.add_argument("--strict-data", action="store_true",
                    help="stop at the first unreadable file (default: skip it with a warning naming it, "
                         "count skips per epoch as data/skipped)")
+    g.add_argument("--samples-per-epoch", type=Optional[int], default=None,
+                   help="shards without index.json: samples in one epoch (the schedule needs it)")
+    g.add_argument("--shuffle-buffer", type=int, default=1000,
+                   help="shards: samples each loader worker shuffles among (more: better mixed, more memory)")
     g = p.add_argument_group("optimization")
     g.add_argument("--batch-size", type=int, default=64, help="images per device per step")
     g.add_argument("--accumulate", type=int, default=1, help="gradient accumulation steps")
@@ -192,7 +198,8 @@ def fit(cfg):
     check(cfg)
     out = Path(cfg.output)
     data = PretrainData(cfg.data, cfg.input_size, cfg.in_chans, cfg.mask_ratio, cfg.batch_size,
-                        cfg.workers, cfg.seed, pin_memory=torch.cuda.is_available(), strict=cfg.strict_data)
+                        cfg.workers, cfg.seed, pin_memory=torch.cuda.is_available(), strict=cfg.strict_data,
+                        samples_per_epoch=cfg.samples_per_epoch, shuffle_buffer=cfg.shuffle_buffer)
     ckpt_path = resume_checkpoint("pretrain", cfg.no_resume, cfg.resume, cfg.output,
                                   {k: cfg[k] for k in ("model", "in_chans", "decoder_dim", "decoder_depth")})
 
@@ -200,7 +207,7 @@ def fit(cfg):
     world = trainer.world_size  # devices x nodes
     batches = data.batches_per_epoch(world)
     if batches == 0:
-        raise UserError(f"{len(data.dataset)} samples are fewer than one batch of {cfg.batch_size} x {world} "
+        raise UserError(f"{data.epoch_samples} samples are fewer than one batch of {cfg.batch_size} x {world} "
                         f"devices: lower --batch-size or add data")
     steps_per_epoch = math.ceil(batches / cfg.accumulate)
     eff_batch = cfg.batch_size * cfg.accumulate * world
