@@ -36,6 +36,7 @@ import io
 import json
 import os
 import warnings
+from itertools import chain
 from pathlib import Path
 
 import numpy as np
@@ -44,7 +45,7 @@ from braceexpand import braceexpand
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from torchvision.datasets.folder import IMG_EXTENSIONS
 from webdataset.gopen import gopen
-from webdataset.tariterators import group_by_keys, tar_file_expander
+from webdataset.tariterators import base_plus_ext, tar_file_iterator
 from webdataset.writer import TarWriter
 
 from fcmae.data import (ARRAY_EXTENSIONS, MAX_SKIP, BadFile, BadFileWarning, augment, load_image, read_array,
@@ -58,6 +59,7 @@ PLAN = ".plan.json"  # the write plan of an unfinished `fcmae shard`, to continu
 IMAGE_EXTS = {e.lstrip(".") for e in IMG_EXTENSIONS}
 SAMPLE_EXTS = IMAGE_EXTS | {e.lstrip(".") for e in ARRAY_EXTENSIONS}
 TAR_OVERHEAD = 1024  # bytes per member beyond its data: a 512-byte header, padding to 512
+TAR_END = 1024 + 10240  # two zero blocks end a tar, then padding to a 10 kB record
 
 
 # ----------------------------------------------------------------------------- writing
@@ -108,7 +110,7 @@ def plan_shards(sizes, max_size=None, samples_per_shard=None):
     counts, n, total = [], 0, 0
     for size in sizes:
         size += 2 * TAR_OVERHEAD  # the file and its cls member
-        full = (n == samples_per_shard) if samples_per_shard else (n > 0 and total + size > max_size)
+        full = (n == samples_per_shard) if samples_per_shard else (n > 0 and total + size > max_size - TAR_END)
         if full:
             counts.append(n)
             n, total = 0, 0
@@ -253,11 +255,21 @@ class BadShard:
 
 def read_shard(url):
     """Samples of one shard ({'__key__', '__url__', ext: bytes, ...}), then a BadShard if it
-    cannot be opened, ends early or its pipe command fails (the samples read before are kept)."""
-    stream, error = None, None
+    cannot be opened, ends early or its pipe command fails. Samples read before a failure are
+    kept, the one being read too (without the failed member: if that was its image, it is then
+    skipped as a sample without one)."""
+    stream, error, sample = None, None, None
     try:
         stream = gopen(url)
-        yield from group_by_keys(tar_file_expander([{"url": url, "stream": stream}]))
+        for member in tar_file_iterator(stream):  # tarfile in stream mode: reads as it goes
+            key, ext = base_plus_ext(member["fname"])
+            if key is None:
+                continue
+            if sample is not None and key != sample["__key__"]:
+                yield sample
+                sample = None
+            sample = sample or {"__key__": key, "__url__": url}
+            sample[ext.lower()] = member["data"]
     except Exception as e:  # tarfile, gopen and pipe errors: all mean the rest of the shard is lost
         error = e
     finally:
@@ -266,8 +278,25 @@ def read_shard(url):
                 stream.close()  # a pipe: waits for its command; a non-zero exit raises
             except Exception as e:
                 error = error or e
-    if error is not None:  # not reached when the reader stops early (GeneratorExit)
+    # not reached when the reader stops early (GeneratorExit)
+    if sample is not None:
+        yield sample
+    if error is not None:
         yield BadShard(f"{url} (the rest of the shard: {reason(error)})")
+
+
+def shuffle(items, size, rng):
+    """Items in an order shuffled within a buffer of `size`."""
+    buffer = []
+    for item in items:
+        if len(buffer) < size:
+            buffer.append(item)
+            continue
+        j = int(rng.integers(size))
+        yield buffer[j]
+        buffer[j] = item
+    while buffer:
+        yield buffer.pop(int(rng.integers(len(buffer))))
 
 
 def decode(sample, kind, in_chans):
@@ -315,31 +344,18 @@ class ShardViews(IterableDataset):
         return [self.urls[i] for i in order[self.rank::self.world][worker::workers]]
 
     def stream(self, shards, worker):
-        """The worker's shards, read again in a new order each time they run out."""
-        for round_ in range(1_000_000):
+        """The worker's samples, shuffled within a buffer drawn from (seed, epoch, rank, worker); when
+        they run out (a share larger than its shards), the shards again in a new order. The buffer
+        empties at the end of each pass: a pass yields every sample once."""
+        rng = np.random.default_rng([self.seed, self.epoch, self.rank, worker])
+        while True:
             items = 0
-            for url in shards:
-                for item in read_shard(url):
-                    items += 1
-                    yield item
+            for item in shuffle(chain.from_iterable(map(read_shard, shards)), self.shuffle_buffer, rng):
+                items += 1
+                yield item
             if items == 0:
                 raise UserError(f"shards {shards[0]} ... hold no samples: check --data")
-            rng = np.random.default_rng([self.seed, self.epoch, self.rank, worker, round_ + 1])
             shards = [shards[i] for i in rng.permutation(len(shards))]
-
-    def shuffled(self, items, worker):
-        """Items in an order shuffled within a buffer, drawn from (seed, epoch, rank, worker)."""
-        rng = np.random.default_rng([self.seed, self.epoch, self.rank, worker])
-        buffer = []
-        for item in items:
-            if len(buffer) < self.shuffle_buffer:
-                buffer.append(item)
-                continue
-            j = int(rng.integers(len(buffer)))
-            yield buffer[j]
-            buffer[j] = item
-        while buffer:  # only reached if the stream ends (it does not: it repeats the shards)
-            yield buffer.pop(int(rng.integers(len(buffer))))
 
     def __iter__(self):
         info = get_worker_info()
@@ -353,7 +369,7 @@ class ShardViews(IterableDataset):
         good, skipped, in_row = 0, 0, 0
         if good == total:
             return
-        for item in self.shuffled(self.stream(self.shards(worker, workers), worker), worker):
+        for item in self.stream(self.shards(worker, workers), worker):
             try:
                 if isinstance(item, BadShard):
                     raise BadFile(item.message)
