@@ -254,3 +254,37 @@ def test_a_resumed_loader_continues_the_interrupted_order(tmp_path):
         for done in (1, 4, 7):
             rest, _ = views(data, workers=workers, batch_size=2, done=done)
             assert rest == full[2 * done:], (workers, done)
+
+
+DDP_SCRIPT = """
+import sys, torch
+sys.path.insert(0, sys.argv[2])
+from test_shards import TINY, parse, sample_ids
+from fcmae.pretrain import fit
+out, data = sys.argv[1], sys.argv[3]
+trainer, module = fit(parse(*TINY, "--devices", "2", "--strategy", "ddp", "--workers", "1", "--data", data,
+                            "--max-steps", "2", "--lr", "1e-3", "--warmup-epochs", "0.01", "--output", out))
+loader = trainer.datamodule.train_dataloader()  # this rank's share of an epoch (the next one)
+ids = [i for view, mask, skipped in loader for i in sample_ids(view)]
+torch.save({"ids": ids, "weights": module.state_dict(), "world": trainer.world_size},
+           f"{out}/rank{trainer.global_rank}.pt")
+"""
+
+
+@pytest.mark.slow
+def test_two_process_ddp_ranks_read_disjoint_shards(tmp_path):
+    import os
+    import subprocess
+    import sys
+    data = shards_of(tmp_path, n=16)  # 4 shards for 2 ranks x 1 worker
+    script = tmp_path / "ddp_shards.py"
+    script.write_text(DDP_SCRIPT)
+    result = subprocess.run([sys.executable, str(script), str(tmp_path / "run"), os.path.dirname(__file__), str(data)],
+                            env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=400)
+    assert result.returncode == 0, result.stderr[-3000:]
+    ranks = [torch.load(tmp_path / "run" / f"rank{r}.pt", weights_only=False) for r in range(2)]
+    assert all(r["world"] == 2 for r in ranks)
+    assert len(ranks[0]["ids"]) == len(ranks[1]["ids"]) == 8  # 16 samples / 2 ranks, 2 batches of 4 each
+    assert sorted(ranks[0]["ids"] + ranks[1]["ids"]) == list(range(16))  # disjoint, covering the epoch
+    a, b = (r["weights"] for r in ranks)
+    assert max((a[k] - b[k]).abs().max().item() for k in a) == 0
