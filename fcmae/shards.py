@@ -48,7 +48,7 @@ from webdataset.gopen import gopen
 from webdataset.tariterators import base_plus_ext, tar_file_iterator
 from webdataset.writer import TarWriter
 
-from fcmae.data import (ARRAY_EXTENSIONS, MAX_SKIP, BadFile, BadFileWarning, augment, load_image, read_array,
+from fcmae.data import (ARRAY_EXTENSIONS, MAX_SKIP, BadFile, BadFileWarning, augment, read_array, read_image,
                         reason)
 from fcmae.errors import UserError
 from fcmae.masking import PATCH_SIZE
@@ -311,7 +311,7 @@ def decode(sample, kind, in_chans):
             raise UserError(f"{name} is a .npy array but --data is read as images: pass --in-chans C (the arrays' "
                             f"channels), or write the shards with fcmae shard so that index.json says what they hold")
         return read_array(io.BytesIO(sample[ext]), in_chans, name=name)
-    return load_image(io.BytesIO(sample[ext]), "L" if in_chans == 1 else "RGB", name=name)
+    return read_image(sample[ext], "L" if in_chans == 1 else "RGB", name)
 
 
 class ShardViews(IterableDataset):

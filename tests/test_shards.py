@@ -288,3 +288,33 @@ def test_two_process_ddp_ranks_read_disjoint_shards(tmp_path):
     assert sorted(ranks[0]["ids"] + ranks[1]["ids"]) == list(range(16))  # disjoint, covering the epoch
     a, b = (r["weights"] for r in ranks)
     assert max((a[k] - b[k]).abs().max().item() for k in a) == 0
+
+
+# ----------------------------------------------------------------------------- the faster loader
+
+def test_the_faster_loader_makes_the_views_it_made_before(tmp_path):
+    """JPEGs decode with torchvision (to a tensor) and views are normalized in one float pass:
+    the same views as Pillow + ToDtype + Normalize, seeded alike (float rounding apart)."""
+    from torchvision.transforms import InterpolationMode, v2
+
+    from fcmae.data import FileSamples, augment, normalization, pretrain_transform
+    from fcmae.masking import random_mask
+    rng = np.random.default_rng(0)
+    for i in range(3):
+        pixels = rng.integers(0, 256, (75, 100, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(tmp_path / f"{i}.jpg", quality=90)
+    norm = normalization(3, False)
+    old = v2.Compose([v2.ToImage(), v2.RandomResizedCrop(64, scale=(0.2, 1.0), interpolation=InterpolationMode.BICUBIC,
+                                                         antialias=True),
+                      v2.RandomHorizontalFlip(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(*norm)])
+    samples = FileSamples(sorted(tmp_path.glob("*.jpg")), 3)
+    for i in range(3):
+        decoded, _ = samples[i]
+        assert isinstance(decoded, torch.Tensor) and decoded.dtype == torch.uint8  # the fast decoder
+        view, mask = augment(pretrain_transform(64, norm), decoded, 2, 0.5, seed=i)
+        torch.manual_seed(i)
+        before = old(load_image(samples.paths[i]))
+        assert (view - before).abs().max() < 1e-5
+        assert torch.equal(mask, random_mask(1, 2, 2, 0.5)[0])  # drawn after the view, as before
+    samples.paths[0].write_bytes(samples.paths[0].read_bytes()[:2000])  # truncated: still a bad file
+    assert samples[0][1] == 1
