@@ -243,6 +243,8 @@ def fit(cfg):
         # was trained on); Lightning cannot see that and would warn on every resume.
         warnings.filterwarnings("ignore", message=".*resuming from a checkpoint that ended before the epoch ended")
         warnings.filterwarnings("ignore", message="Checkpoint directory .* exists and is not empty")
+        # Shards: each loader worker yields exactly its share of the epoch, so the length holds.
+        warnings.filterwarnings("ignore", message="Your `IterableDataset` has `__len__` defined")
         trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
 
     last = out / "checkpoints" / "last.ckpt"

@@ -120,6 +120,21 @@ def test_max_size_bounds_each_shard(tmp_path):
 
 # ----------------------------------------------------------------------------- reading
 
+def test_arrays_shard_and_read_back_with_their_channels(tmp_path):
+    (tmp_path / "bands").mkdir()
+    for i in range(4):
+        np.save(tmp_path / "bands" / f"{i}.npy", np.full((5, 40, 40), i, np.float32))
+    index = write_shards(tmp_path / "bands", tmp_path / "out", samples_per_shard=2, progress=False)
+    assert (index["kind"], index["in_chans"], index["classes"]) == ("arrays", 5, None)
+    data = PretrainData(str(tmp_path / "out"), 64, in_chans=5, batch_size=2, workers=0)
+    batch = [v for v, m, s in data.dataset]
+    assert all(v.shape == (5, 64, 64) for v in batch)
+    assert sorted(round(v.mean().item()) for v in batch) == [0, 1, 2, 3]  # used as stored
+    with pytest.raises(UserError, match="holds 5-channel arrays but --in-chans is 3: pass --in-chans 5"):
+        PretrainData(str(tmp_path / "out"), 64, in_chans=3)
+
+
+
 @pytest.mark.parametrize("workers", [0, 2])
 def test_ranks_and_workers_see_disjoint_samples_covering_the_epoch(tmp_path, workers):
     """Two ranks (passed explicitly, as DDP would): 32 samples in 8 shards of 4, batch 4 -> 4 batches
