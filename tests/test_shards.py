@@ -20,7 +20,7 @@ from fcmae.cli import main, with_recipe
 from fcmae.data import PretrainData, load_image
 from fcmae.errors import UserError
 from fcmae.pretrain import DEFAULT_MODEL, build_parser, fit
-from fcmae.shards import EpochLoader, ShardViews, read_shard, write_shards
+from fcmae.shards import EpochLoader, read_shard, write_shards
 
 MEAN, STD = torch.tensor([0.485, 0.456, 0.406]), torch.tensor([0.229, 0.224, 0.225])
 TINY = ["--input-size", "64", "--batch-size", "4", "--decoder-dim", "32", "--accelerator", "cpu", "--devices", "1",
