@@ -5,6 +5,7 @@ Sources (`find_source`):
 - `DATA/train/<class>/<file>`: the ImageNet-1K layout (train/ only, labels ignored);
 - `DATA/<class>/<file>`: class folders without train/;
 - `DATA/<file>`: a flat folder, e.g. your own unlabeled images.
+- WebDataset shards (a folder with index.json, a pattern, URLs): fcmae/shards.py.
 
 Files: images (jpg, png, tif, ...) read as RGB (`--in-chans 3`) or grayscale (`--in-chans 1`);
 or `.npy` arrays (C, H, W) for any channel count: float arrays are used as stored (standardize
