@@ -17,6 +17,7 @@ COMMANDS = {
     "eval": ("fcmae.finetune.evaluate", "evaluate a classifier checkpoint"),
     "export": ("fcmae.export", "export weights in the public dense layout"),
     "bench": ("fcmae.bench", "benchmark a pre-training step of each backend"),
+    "shard": ("fcmae.shard", "write a data folder as WebDataset shards"),
 }
 RECIPE_COMMANDS = ("pretrain", "finetune")  # have per-size recipe files in configs/<command>/
 

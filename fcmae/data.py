@@ -5,6 +5,7 @@ Sources (`find_source`):
 - `DATA/train/<class>/<file>`: the ImageNet-1K layout (train/ only, labels ignored);
 - `DATA/<class>/<file>`: class folders without train/;
 - `DATA/<file>`: a flat folder, e.g. your own unlabeled images.
+- WebDataset shards (a folder with index.json, a pattern, URLs): fcmae/shards.py.
 
 Files: images (jpg, png, tif, ...) read as RGB (`--in-chans 3`) or grayscale (`--in-chans 1`);
 or `.npy` arrays (C, H, W) for any channel count: float arrays are used as stored (standardize
@@ -21,6 +22,7 @@ are drawn from a generator seeded by (seed, key). With `ResumableSampler` (a per
 (seed, epoch) that can start part-way through an epoch) a resumed run sees exactly the views
 and masks the interrupted run would have seen, whatever the number of loader workers.
 """
+import io
 import math
 import warnings
 from pathlib import Path
@@ -32,6 +34,7 @@ from PIL import Image, ImageDraw, ImageFile
 from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes
+from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.transforms import InterpolationMode, v2
 
 from fcmae.errors import UserError
@@ -70,14 +73,33 @@ def convert_image(img, mode="RGB"):
     return img.convert(mode)
 
 
-def load_image(path, mode="RGB"):
-    """Read and decode one image file fully, or raise BadFile naming it."""
+def load_image(path, mode="RGB", name=None):
+    """Read and decode one image file (a path or a file object) fully, or raise BadFile naming
+    it (`name`, default the path)."""
     try:
         with Image.open(path) as img:
             img.load()  # decode now: a truncated or corrupt file fails here, not in a transform
             return convert_image(img, mode)
     except (OSError, ValueError, SyntaxError, EOFError) as e:  # what Pillow raises for bad files
-        raise BadFile(f"{path} ({reason(e)})") from e
+        raise BadFile(f"{name or path} ({reason(e)})") from e
+
+
+def read_image(data, mode="RGB", name="image"):
+    """Image file bytes -> the image, decoded fully: a uint8 tensor (C, H, W) for a JPEG already
+    in `mode` (torchvision's decode_jpeg: the same pixels as Pillow, faster, and no PIL-to-tensor
+    copy after it), else a PIL image converted as `load_image` does. BadFile names it."""
+    try:
+        with Image.open(io.BytesIO(data)) as img:  # reads the header only
+            fast = img.format == "JPEG" and img.mode == mode
+    except (OSError, ValueError, SyntaxError, EOFError) as e:
+        raise BadFile(f"{name} ({reason(e)})") from e
+    if not fast:
+        return load_image(io.BytesIO(data), mode, name)
+    try:
+        return decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8),
+                           mode=ImageReadMode.RGB if mode == "RGB" else ImageReadMode.GRAY)
+    except RuntimeError as e:  # corrupt or truncated
+        raise BadFile(f"{name} ({reason(e)})") from e
 
 
 def reason(e):
@@ -160,23 +182,31 @@ class FileSamples(Dataset):
 
     def read(self, index):
         path = self.paths[index]
+        mode = "L" if self.in_chans == 1 else "RGB"
         if self.arrays:
             return read_array(path, self.in_chans)
-        return load_image(path, "L" if self.in_chans == 1 else "RGB")
+        if path.suffix.lower() in (".jpg", ".jpeg"):  # most datasets: the faster decoder
+            try:
+                data = path.read_bytes()
+            except OSError as e:
+                raise BadFile(f"{path} ({reason(e)})") from e
+            return read_image(data, mode, path)
+        return load_image(path, mode)
 
     def __getitem__(self, index):
         return read_or_skip(self.read, index, len(self), self.paths.__getitem__, self.strict)
 
 
-def read_array(path, in_chans=None):
-    """.npy (C, H, W) -> tensor; uint8 -> float in [0, 1], other dtypes -> float32 as stored.
-    A file that does not load, or is not (in_chans, H, W), is a BadFile."""
+def read_array(path, in_chans=None, name=None):
+    """.npy (C, H, W) (a path or a file object) -> tensor; uint8 -> float in [0, 1], other dtypes
+    -> float32 as stored. A file that does not load, or is not (in_chans, H, W), is a BadFile."""
+    name = name or path
     try:
-        x = torch.from_numpy(np.load(path))
+        x = torch.from_numpy(np.load(path))  # allow_pickle=False: loading never runs code
     except (OSError, ValueError, EOFError) as e:
-        raise BadFile(f"{path} ({reason(e)})") from e
+        raise BadFile(f"{name} ({reason(e)})") from e
     if x.ndim != 3 or (in_chans is not None and x.shape[0] != in_chans):
-        raise BadFile(f"{path} (array of shape {tuple(x.shape)}, expected ({in_chans or 'C'}, H, W): "
+        raise BadFile(f"{name} (array of shape {tuple(x.shape)}, expected ({in_chans or 'C'}, H, W): "
                       f"save one sample per .npy file)")
     return x.float() / 255 if x.dtype == torch.uint8 else x.float()
 
@@ -259,15 +289,32 @@ def normalization(in_chans, arrays):
 
 
 def pretrain_transform(input_size, norm):
-    """The paper's augmentation: RandomResizedCrop(scale 0.2-1, bicubic) + horizontal flip."""
-    steps = [v2.ToImage(),  # PIL -> uint8 tensor; plain tensors (arrays) pass through as images
-             v2.RandomResizedCrop(input_size, scale=(0.2, 1.0), interpolation=InterpolationMode.BICUBIC,
-                                  antialias=True),
-             v2.RandomHorizontalFlip(),
-             v2.ToDtype(torch.float32, scale=True)]
-    if norm is not None:
-        steps.append(v2.Normalize(*norm))
-    return v2.Compose(steps)
+    """The paper's augmentation: RandomResizedCrop(scale 0.2-1, bicubic) + horizontal flip, on
+    the uint8 image (cropped and resized before any float copy of it), then to float and
+    normalized in one pass (`ToFloat`)."""
+    return v2.Compose([
+        v2.ToImage(),  # PIL -> uint8 tensor; tensors (decoded JPEGs, arrays) pass through as images
+        v2.RandomResizedCrop(input_size, scale=(0.2, 1.0), interpolation=InterpolationMode.BICUBIC, antialias=True),
+        v2.RandomHorizontalFlip(),
+        ToFloat(norm)])
+
+
+class ToFloat(torch.nn.Module):
+    """uint8 (C, H, W) -> float32 (x / 255 - mean) / std, as v2.ToDtype(scale=True) + v2.Normalize
+    give (up to float rounding) but with one float copy instead of three. Float tensors (arrays)
+    pass through as they are, normalized if `norm`."""
+
+    def __init__(self, norm):
+        super().__init__()
+        self.norm = norm
+
+    def forward(self, x):
+        scale = 255.0 if x.dtype == torch.uint8 else 1.0
+        x = x.as_subclass(torch.Tensor).to(torch.float32, copy=True)
+        if self.norm is None:
+            return x.div_(scale) if scale != 1 else x
+        mean, std = (torch.tensor(v, dtype=torch.float32).view(-1, 1, 1) * scale for v in self.norm)
+        return x.sub_(mean).div_(std)
 
 
 class MaskedViews(Dataset):
@@ -286,13 +333,22 @@ class MaskedViews(Dataset):
 
     def item(self, key):
         sample, skipped = self.source[key % len(self.source)]
-        # Seed the augmentation per sample: reproducible whichever process draws it. fork_rng
-        # keeps the caller's global RNG untouched (with 0 workers that is the training process).
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(self.seed * 1_000_003 + key)
-            view = self.transform(sample)
-            mask = random_mask(1, self.grid, self.grid, self.mask_ratio)[0]
+        view, mask = augment(self.transform, sample, self.grid, self.mask_ratio, self.seed * 1_000_003 + key)
         return view, mask, skipped
+
+
+def augment(transform, sample, grid, mask_ratio, seed):
+    """(view, mask) of one sample, both drawn from a generator seeded with `seed`: reproducible
+    whichever process draws them. fork_rng keeps the caller's global RNG untouched (with 0
+    workers that is the training process)."""
+    with torch.random.fork_rng(devices=[]):
+        # The CPU generator only (what the transforms draw from): torch.manual_seed would also
+        # queue a seed for every CUDA device, recording a stack trace each time (measured: about
+        # a quarter of a loader process's time per view).
+        torch.default_generator.manual_seed(seed)
+        view = transform(sample)
+        mask = random_mask(1, grid, grid, mask_ratio)[0]
+    return view, mask
 
 
 class CountingViews(Dataset):
@@ -338,7 +394,7 @@ class PretrainData(L.LightningDataModule):
     rank its shard of every epoch; after a resume, the rest of the interrupted epoch."""
 
     def __init__(self, data="demo", input_size=224, in_chans=3, mask_ratio=0.6, batch_size=64,
-                 workers=8, seed=0, pin_memory=False, strict=False):
+                 workers=8, seed=0, pin_memory=False, strict=False, samples_per_epoch=None, shuffle_buffer=1000):
         super().__init__()
         if input_size % PATCH_SIZE:
             raise UserError(f"--input-size {input_size} is not a multiple of {PATCH_SIZE}: "
@@ -348,18 +404,34 @@ class PretrainData(L.LightningDataModule):
             check_mask_ratio(mask_ratio, patches, name="--mask-ratio", image=f"a {input_size}px crop")
         except ValueError as e:
             raise UserError(str(e)) from None
+        from fcmae.shards import is_shards, open_shards
+        self.batch_size, self.workers, self.seed, self.pin_memory = batch_size, workers, seed, pin_memory
+        self.sampler = None
+        self.shards = data != "demo" and is_shards(data)
+        if self.shards:  # WebDataset shards (fcmae/shards.py)
+            def transform_for(arrays):
+                self.norm = normalization(in_chans, arrays)
+                return pretrain_transform(input_size, self.norm)
+            self.dataset, _ = open_shards(data, in_chans, samples_per_epoch, transform_for, input_size, mask_ratio,
+                                          seed, batch_size, shuffle_buffer, strict)
+            self.epoch_samples = self.dataset.samples
+            return
+        if samples_per_epoch is not None:
+            raise UserError(f"--samples-per-epoch is for shards (a folder's epoch is all its files): drop it, "
+                            "or point --data at shards")
         source, arrays = find_source(data, in_chans, input_size, strict)
         self.norm = normalization(in_chans, arrays)  # for un-normalizing reconstructions
         self.dataset = MaskedViews(source, pretrain_transform(input_size, self.norm), input_size, mask_ratio, seed)
-        self.batch_size, self.workers, self.seed, self.pin_memory = batch_size, workers, seed, pin_memory
-        self.sampler = None
+        self.epoch_samples = len(self.dataset)
 
     def batches_per_epoch(self, world_size):
         """Full batches one rank gets per epoch (drop_last)."""
-        return len(self.dataset) // world_size // self.batch_size
+        return self.epoch_samples // world_size // self.batch_size
 
     def train_dataloader(self):
         trainer = self.trainer
+        if self.shards:
+            return self.shard_loader(trainer)
         self.sampler = ResumableSampler(len(self.dataset), trainer.world_size, trainer.global_rank, self.seed)
         epoch, batches_done = self.position(trainer)
         self.sampler.set_epoch(epoch)
@@ -382,7 +454,19 @@ class PretrainData(L.LightningDataModule):
             return trainer.current_epoch + 1, 0
         return trainer.current_epoch, batches_done
 
+    def shard_loader(self, trainer):
+        from fcmae.shards import EpochLoader, need_shards
+        refusal = need_shards(len(self.dataset.urls), trainer.world_size, self.workers)
+        if refusal:
+            raise UserError(refusal)
+        self.dataset.place(trainer.global_rank, trainer.world_size)
+        return EpochLoader(self.dataset, lambda: trainer.current_epoch, self.position(trainer),
+                           batch_size=self.batch_size, drop_last=True, num_workers=self.workers,
+                           pin_memory=self.pin_memory)
+
     def preview(self, n=8):
         """A fixed batch (the first n keys: same views and masks every call) for reconstructions."""
+        if self.shards:
+            return self.dataset.preview(n)
         views, masks = zip(*(self.dataset[k] for k in range(min(n, len(self.dataset)))))
         return torch.stack(views), torch.stack(masks)

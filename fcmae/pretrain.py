@@ -13,7 +13,7 @@ Running the same command again resumes from checkpoints/last.ckpt.
 """
 import warnings
 from pathlib import Path
-from typing import Literal
+from typing import Literal, Optional
 
 import lightning as L
 import torch
@@ -60,10 +60,16 @@ def build_parser():
     g.add_argument("--drop-path", type=float, default=0.0, help="stochastic depth rate of the encoder")
     g = p.add_argument_group("data")
     g.add_argument("--data", type=str, default="demo",
-                   help="'demo' (built-in images), DIR/train/<class>/<image> (ImageNet), or a folder of images/.npy")
+                   help="'demo' (built-in images), DIR/train/<class>/<image> (ImageNet), a folder of images/.npy, or "
+                        "WebDataset shards: a folder with index.json (fcmae shard), a pattern "
+                        "(/data/shard-{000000..000999}.tar) or URLs (https://..., 'pipe:aws s3 cp s3://.../shard-{...}.tar -')")
     g.add_argument("--strict-data", action="store_true",
                    help="stop at the first unreadable file (default: skip it with a warning naming it, "
                         "count skips per epoch as data/skipped)")
+    g.add_argument("--samples-per-epoch", type=Optional[int], default=None,
+                   help="shards without index.json: samples in one epoch (the schedule needs it)")
+    g.add_argument("--shuffle-buffer", type=int, default=1000,
+                   help="shards: samples each loader worker shuffles among (more: better mixed, more memory)")
     g = runs.add_optimization_flags(p, batch_size=64, epochs=1600, blr=1.5e-4, min_lr=0.0, warmup_epochs=40)
     g.add_argument("--accumulate", type=int, default=1, help="gradient accumulation steps")
     g.add_argument("--betas", type=tuple[float, float], default=(0.9, 0.95))
@@ -136,7 +142,8 @@ def fit(cfg):
     check(cfg)
     out = Path(cfg.output)
     data = PretrainData(cfg.data, cfg.input_size, cfg.in_chans, cfg.mask_ratio, cfg.batch_size,
-                        cfg.workers, cfg.seed, pin_memory=torch.cuda.is_available(), strict=cfg.strict_data)
+                        cfg.workers, cfg.seed, pin_memory=torch.cuda.is_available(), strict=cfg.strict_data,
+                        samples_per_epoch=cfg.samples_per_epoch, shuffle_buffer=cfg.shuffle_buffer)
     ckpt_path = runs.resume_checkpoint("pretrain", cfg, out,
                                        {k: cfg[k] for k in ("model", "in_chans", "decoder_dim", "decoder_depth")})
 
@@ -147,7 +154,7 @@ def fit(cfg):
     world = trainer.world_size  # devices x nodes
     batches = data.batches_per_epoch(world)
     if batches == 0:
-        raise UserError(f"{len(data.dataset)} samples are fewer than one batch of {cfg.batch_size} x {world} "
+        raise UserError(f"{data.epoch_samples} samples are fewer than one batch of {cfg.batch_size} x {world} "
                         f"devices: lower --batch-size or add data")
     # What PretrainModule's schedule will span (it reads the same numbers off the trainer).
     steps_per_epoch, total_steps, warmup_steps = schedule_steps(batches, cfg.accumulate, cfg.epochs,
@@ -175,6 +182,8 @@ def fit(cfg):
         # was trained on); Lightning cannot see that and would warn on every resume.
         warnings.filterwarnings("ignore", message=".*resuming from a checkpoint that ended before the epoch ended")
         warnings.filterwarnings("ignore", message="Checkpoint directory .* exists and is not empty")
+        # Shards: each loader worker yields exactly its share of the epoch, so the length holds.
+        warnings.filterwarnings("ignore", message="Your `IterableDataset` has `__len__` defined")
         runs.fit(trainer, module, resolved, ckpt_path, datamodule=data)
 
     last = out / "checkpoints" / "last.ckpt"
