@@ -417,7 +417,7 @@ class PretrainData(L.LightningDataModule):
             self.epoch_samples = self.dataset.samples
             return
         if samples_per_epoch is not None:
-            raise UserError(f"--samples-per-epoch is for shards (a folder's epoch is all its files): drop it, "
+            raise UserError("--samples-per-epoch is for shards (a folder's epoch is all its files): drop it, "
                             "or point --data at shards")
         source, arrays = find_source(data, in_chans, input_size, strict)
         self.norm = normalization(in_chans, arrays)  # for un-normalizing reconstructions
