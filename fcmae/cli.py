@@ -17,6 +17,8 @@ COMMANDS = {
     "eval": ("fcmae.finetune.evaluate", "evaluate a classifier checkpoint"),
     "export": ("fcmae.export", "export weights in the public dense layout"),
     "bench": ("fcmae.bench", "benchmark a pre-training step of each backend"),
+    "knn": ("fcmae.knn", "weighted kNN accuracy of an encoder's frozen features"),
+    "analyze": ("fcmae.analyze", "feature collapse: the paper's per-layer feature cosine distance"),
 }
 RECIPE_COMMANDS = ("pretrain", "finetune")  # have per-size recipe files in configs/<command>/
 
