@@ -89,6 +89,16 @@ def build_parser():
                    help="auto = DDP when more than one device; fsdp shards large/huge")
     g.add_argument("--precision", type=Literal["auto", "32", "bf16-mixed", "16-mixed"], default="auto",
                    help="auto = bf16-mixed on GPUs that support it, else 32")
+    g = p.add_argument_group("evaluation", "a kNN monitor of the encoder's features on a small labelled set")
+    g.add_argument("--eval-data", type=Optional[str], default=None,
+                   help="labelled images: DIR/train/<class>/<image> and DIR/val/<class>/<image>, or train/ alone "
+                        "(a stratified --eval-val-split is held out); logs eval/knn_top1 and eval/knn_top5")
+    g.add_argument("--eval-every", type=int, default=1, help="epochs between kNN evaluations (and one at the end)")
+    g.add_argument("--eval-max-train", type=Optional[int], default=None,
+                   help="cap the labelled train images (stratified); default: all")
+    g.add_argument("--eval-val-split", type=float, default=0.1, help="fraction of train/ held out when DIR has no val/")
+    g.add_argument("--knn-k", type=int, default=20, help="neighbours that vote")
+    g.add_argument("--knn-temperature", type=float, default=0.07, help="vote weight exp(cosine similarity / T)")
     g = p.add_argument_group("run directory")
     g.add_argument("--output", type=Optional[str], default=None, help="run directory (default: runs/<model>[-demo])")
     g.add_argument("--resume", type=str, default="auto",
@@ -139,6 +149,15 @@ def check(cfg):
         raise UserError(f"--workers {cfg.workers}: must be 0 (load in the training process) or more")
     if cfg.backend == "minkowski":
         require_backend("minkowski")
+    if cfg.eval_data is not None:
+        from fcmae.knn import check_knn
+        check_knn(cfg.knn_k, cfg.knn_temperature, cfg.eval_val_split, cfg.eval_max_train,
+                  ("knn-k", "knn-temperature", "eval-val-split", "eval-max-train"))
+        if cfg.eval_every < 1:
+            raise UserError(f"--eval-every {cfg.eval_every}: must be at least 1 (epochs)")
+        if cfg.strategy == "fsdp":
+            raise UserError("--eval-data with --strategy fsdp is not supported yet (the monitor copies the whole "
+                            "encoder on each rank): use --strategy ddp, or evaluate checkpoints with `fcmae knn`")
 
 
 def require_backend(name):
@@ -174,6 +193,11 @@ def make_trainer(cfg, out):
         Reconstructions(out / "reconstructions", cfg.vis_every),
         TQDMProgressBar(refresh_rate=1),
     ]
+    if cfg.eval_data is not None:
+        from fcmae.monitor import KnnMonitor
+        callbacks.append(KnnMonitor(cfg.eval_data, out, cfg.eval_every, cfg.input_size, cfg.in_chans,
+                                    cfg.eval_val_split, cfg.eval_max_train, cfg.knn_k, cfg.knn_temperature,
+                                    cfg.batch_size, min(cfg.workers, 2), cfg.seed))
     return L.Trainer(
         accelerator=cfg.accelerator, devices=cfg.devices, num_nodes=cfg.num_nodes,
         strategy=make_strategy(cfg.strategy, cfg.accelerator), precision=make_precision(cfg.precision),

@@ -108,3 +108,30 @@ def test_knn_random_init_and_one_line_errors(weights, tmp_path, capsys):
         main(["knn", "--checkpoint", str(weights["run"]), "--data", str(tmp_path / "nowhere")])
     assert exit_info.value.code == 2
     assert "not a directory" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- the pre-training monitor
+
+def test_pretraining_logs_knn_each_evaluation(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from fcmae.cli import with_recipe
+    from fcmae.pretrain import build_parser as pretrain_parser, fit
+    data = labelled_images(tmp_path / "shapes", classes=3, per_class=6, size=64)  # train/ only: a split is held out
+    out = tmp_path / "run"
+    args = ["--data", str(data), "--input-size", "64", "--batch-size", "4", "--decoder-dim", "16", "--workers", "0",
+            "--accelerator", "cpu", "--devices", "1", "--precision", "32", "--backend", "sparse", "--epochs", "2",
+            "--warmup-epochs", "0", "--lr", "1e-3", "--vis-every", "100", "--no-export", "--output", str(out),
+            "--eval-data", str(data), "--eval-every", "1", "--eval-val-split", "0.34", "--eval-max-train", "9",
+            "--knn-k", "5"]
+    trainer, _ = fit(pretrain_parser().parse_args(with_recipe("pretrain", args, "atto")))
+    assert trainer.global_step == 8  # 18 images / batch 4 = 4 steps per epoch
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in records if "eval/knn_top1" in r]
+    assert [r["step"] for r in evals] == [4, 8]  # after each epoch; the end (step 8) is not evaluated twice
+    assert all(0 <= r["eval/knn_top1"] <= r["eval/knn_top5"] == 100.0 for r in evals)
+    assert evals[0]["eval/train_images"] == 9 and evals[0]["eval/val_images"] == 6
+    events = EventAccumulator(str(out / "tensorboard")).Reload()
+    logged = events.Scalars("eval/knn_top1")
+    assert [e.step for e in logged] == [4, 8]
+    assert [e.value for e in logged] == pytest.approx([r["eval/knn_top1"] for r in evals])
