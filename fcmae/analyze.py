@@ -219,6 +219,11 @@ def labels_for(checkpoints):
 
 
 def run(cfg):
+    analyze(cfg)
+
+
+def analyze(cfg):
+    """`fcmae analyze`; returns the JSON record."""
     checkpoints = cfg.checkpoint or []
     if not checkpoints and not cfg.random_init:
         raise UserError("nothing to analyze: pass --checkpoint FILE_OR_RUN_DIR (repeatable) and/or --random-init")

@@ -132,6 +132,11 @@ def load_encoder(checkpoint, random_init, model, in_chans, seed=0):
 
 
 def run(cfg):
+    knn(cfg)
+
+
+def knn(cfg):
+    """`fcmae knn`; returns the JSON record."""
     check_knn(cfg.k, cfg.temperature, cfg.val_split, cfg.max_train)
     encoder, name, meta = load_encoder(cfg.checkpoint, cfg.random_init, cfg.model, cfg.in_chans, cfg.seed)
     train, val, classes = labelled_sets(cfg.data, cfg.input_size, encoder.in_chans, cfg.val_split, cfg.max_train,

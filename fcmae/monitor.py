@@ -28,7 +28,7 @@ class KnnMonitor(Callback):
         self.metrics = Path(output) / "metrics.jsonl"
         self.every, self.k, self.temperature = every, k, temperature
         self.batch_size, self.workers = batch_size, workers
-        self.done_step = None
+        self.done_step, self.last = None, None  # last: the latest result, for scripts and tests
 
     def on_train_start(self, trainer, pl_module):
         self.done_step = None
@@ -74,6 +74,7 @@ class KnnMonitor(Callback):
         feats, labels = self.shard(self.val, trainer, encoder, precision)
         result = knn_accuracy(train_feats, train_labels, feats, labels, len(self.classes), self.k, self.temperature)
         seconds = time.perf_counter() - start
+        self.last = {**result, "step": step}
         metrics = {"eval/knn_top1": result["top1"], "eval/knn_top5": result["top5"], "eval/seconds": seconds}
         if trainer.is_global_zero:
             if trainer.logger is not None:

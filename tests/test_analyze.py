@@ -66,8 +66,8 @@ def checkpoints(tmp_path_factory):
 
 
 def analyze(*args):
-    from fcmae.analyze import build_parser, run
-    return run(build_parser().parse_args(["--input-size", "64", "--workers", "0", "--device", "cpu", *args]))
+    from fcmae.analyze import analyze as analyze_command, build_parser
+    return analyze_command(build_parser().parse_args(["--input-size", "64", "--workers", "0", "--device", "cpu", *args]))
 
 
 def test_images_are_spread_over_the_classes(checkpoints):

@@ -12,7 +12,7 @@ from fcmae.errors import UserError
 from fcmae.export import export
 from fcmae.features import knn_accuracy, knn_scores
 from fcmae.finetune.data import stratified_split
-from fcmae.knn import build_parser, labelled_sets, run
+from fcmae.knn import build_parser, knn as knn_command, labelled_sets
 from fcmae.module import PretrainModule
 
 
@@ -81,7 +81,7 @@ def weights(tmp_path_factory):
 
 
 def knn(*args):
-    return run(build_parser().parse_args(["--input-size", "64", "--workers", "0", "--device", "cpu", *args]))
+    return knn_command(build_parser().parse_args(["--input-size", "64", "--workers", "0", "--device", "cpu", *args]))
 
 
 def test_knn_reads_every_kind_of_weights_the_same(weights):
@@ -102,6 +102,9 @@ def test_knn_random_init_and_one_line_errors(weights, tmp_path, capsys):
     record = knn("--random-init", "--data", str(weights["data"]), "--output", str(tmp_path / "r.json"))
     assert record["random_init"] and 0 <= record["top1"] <= 100
     assert "top-1" in capsys.readouterr().out
+    assert main(["knn", "--random-init", "--data", str(weights["data"]), "--input-size", "64", "--workers", "0",
+                 "--output", str(tmp_path / "cli.json")]) is None  # the console script exits 0
+    assert json.loads((tmp_path / "cli.json").read_text())["top1"] == record["top1"]
     with pytest.raises(UserError, match="exactly one of"):
         knn("--random-init", "--checkpoint", str(weights["run"]), "--data", str(weights["data"]))
     with pytest.raises(SystemExit) as exit_info:
