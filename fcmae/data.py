@@ -366,7 +366,13 @@ class PretrainData(L.LightningDataModule):
             return trainer.current_epoch + 1, 0
         return trainer.current_epoch, batches_done
 
+    def preview_keys(self, n=8):
+        """n sample keys spread evenly over the dataset: files are listed class by class, so the
+        first n would all come from the first class."""
+        size = len(self.dataset)
+        return [i * size // n for i in range(n)] if n < size else list(range(size))
+
     def preview(self, n=8):
-        """A fixed batch (the first n keys: same views and masks every call) for reconstructions."""
-        views, masks = zip(*(self.dataset[k] for k in range(min(n, len(self.dataset)))))
+        """A fixed batch (`preview_keys`: same views and masks every call) for reconstructions."""
+        views, masks = zip(*(self.dataset[k] for k in self.preview_keys(n)))
         return torch.stack(views), torch.stack(masks)
