@@ -70,14 +70,17 @@ def targets(dataset):
     return list(dataset.targets)
 
 
-def labelled_sets(data, input_size, in_chans=3, val_split=0.1, max_train=None, seed=0):
+def labelled_sets(data, input_size, in_chans=3, val_split=0.1, max_train=None, seed=0, flag="--data"):
     """`data` -> (train set, val set, class names), items (image, label, files skipped), through
     fine-tuning's eval transform. Without val/ a stratified, seeded `val_split` of train/ is the
-    val set; `max_train` caps the train set (stratified, seeded)."""
+    val set; `max_train` caps the train set (stratified, seeded). `flag` names `data` in errors."""
     check_in_chans(in_chans)
     if input_size % 32:
         raise UserError(f"--input-size {input_size} is not a multiple of 32: use e.g. {max(32, round(input_size / 32) * 32)}")
     root = Path(data).expanduser()
+    if not (root / "train").is_dir():
+        raise UserError(f"{flag} {data}: no {root / 'train'} folder: pass a folder holding train/<class>/<image> "
+                        f"(and val/<class>/<image>, or a stratified split of train/ is held out)")
     transform = eval_transform(input_size, in_chans)
     train = image_folder(root, "train", transform, in_chans)
     if (root / "val").is_dir():

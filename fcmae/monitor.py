@@ -24,7 +24,8 @@ class KnnMonitor(Callback):
     def __init__(self, data, output, every=1, input_size=224, in_chans=3, val_split=0.1, max_train=None,
                  k=20, temperature=0.07, batch_size=64, workers=0, seed=0):
         # The labelled set is found and checked now, before training starts.
-        self.train, self.val, self.classes = labelled_sets(data, input_size, in_chans, val_split, max_train, seed)
+        self.train, self.val, self.classes = labelled_sets(data, input_size, in_chans, val_split, max_train, seed,
+                                                                   "--eval-data")
         self.metrics = Path(output) / "metrics.jsonl"
         self.every, self.k, self.temperature = every, k, temperature
         self.batch_size, self.workers = batch_size, workers
@@ -47,7 +48,7 @@ class KnnMonitor(Callback):
         mine = list(range(rank, n, world))
         mine += mine[-1:] * (math.ceil(n / world) - len(mine))  # repeat: rewritten with the same value below
         loader = DataLoader(Subset(dataset, mine), batch_size=self.batch_size, num_workers=self.workers)
-        device = pl_module_device(encoder)
+        device = next(encoder.parameters()).device
         feats, labels = embed(encoder, loader, device, precision)
         index = torch.tensor(mine, device=device)
         if world > 1:
@@ -85,7 +86,3 @@ class KnnMonitor(Callback):
                                                   "eval/val_images": len(self.val)}))
         pl_module.print(f"step {step}: kNN top-1 {result['top1']:.2f}% top-5 {result['top5']:.2f}% "
                         f"(k={self.k}, {len(self.train)} train / {len(self.val)} val images, {seconds:.1f}s)")
-
-
-def pl_module_device(module):
-    return next(module.parameters()).device

@@ -110,7 +110,10 @@ def test_knn_random_init_and_one_line_errors(weights, tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["knn", "--checkpoint", str(weights["run"]), "--data", str(tmp_path / "nowhere")])
     assert exit_info.value.code == 2
-    assert "not a directory" in capsys.readouterr().err
+    assert "--data" in capsys.readouterr().err
+    with pytest.raises(UserError, match="--eval-data .*no .*train folder"):
+        from fcmae.monitor import KnnMonitor
+        KnnMonitor(str(tmp_path), tmp_path)
 
 
 # ----------------------------------------------------------------------------- the pre-training monitor
