@@ -101,4 +101,4 @@ def knn_accuracy(train_feats, train_labels, feats, labels, num_classes, k=20, te
     scores = knn_scores(train_feats, train_labels, feats, num_classes, k, temperature)
     top = scores.topk(min(5, num_classes), dim=1).indices  # (M, 5)
     hits = top == labels[:, None]
-    return {"top1": 100.0 * hits[:, 0].float().mean().item(), "top5": 100.0 * hits.any(1).float().mean().item()}
+    return {"top1": 100.0 * hits[:, 0].double().mean().item(), "top5": 100.0 * hits.any(1).double().mean().item()}
