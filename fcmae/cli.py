@@ -18,6 +18,8 @@ COMMANDS = {
     "export": ("fcmae.export", "export weights in the public dense layout"),
     "bench": ("fcmae.bench", "benchmark a pre-training step of each backend"),
     "shard": ("fcmae.shard", "write a data folder as WebDataset shards"),
+    "knn": ("fcmae.knn", "weighted kNN accuracy of an encoder's frozen features"),
+    "analyze": ("fcmae.analyze", "feature collapse: the paper's per-layer feature cosine distance"),
 }
 RECIPE_COMMANDS = ("pretrain", "finetune")  # have per-size recipe files in configs/<command>/
 

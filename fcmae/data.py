@@ -464,9 +464,16 @@ class PretrainData(L.LightningDataModule):
                            batch_size=self.batch_size, drop_last=True, num_workers=self.workers,
                            pin_memory=self.pin_memory)
 
+    def preview_keys(self, n=8):
+        """n sample keys spread evenly over the dataset: files are listed class by class, so the
+        first n would all come from the first class."""
+        size = len(self.dataset)
+        return [i * size // n for i in range(n)] if n < size else list(range(size))
+
     def preview(self, n=8):
-        """A fixed batch (the first n keys: same views and masks every call) for reconstructions."""
+        """A fixed batch (same views and masks every call) for reconstructions: `preview_keys`
+        for folders, the first n samples of the first shard for shards."""
         if self.shards:
             return self.dataset.preview(n)
-        views, masks = zip(*(self.dataset[k] for k in range(min(n, len(self.dataset)))))
+        views, masks = zip(*(self.dataset[k] for k in self.preview_keys(n)))
         return torch.stack(views), torch.stack(masks)

@@ -74,6 +74,16 @@ def build_parser():
     g.add_argument("--accumulate", type=int, default=1, help="gradient accumulation steps")
     g.add_argument("--betas", type=tuple[float, float], default=(0.9, 0.95))
     runs.add_hardware_flags(p)
+    g = p.add_argument_group("evaluation", "a kNN monitor of the encoder's features on a small labelled set")
+    g.add_argument("--eval-data", type=Optional[str], default=None,
+                   help="labelled images: DIR/train/<class>/<image> and DIR/val/<class>/<image>, or train/ alone "
+                        "(a stratified --eval-val-split is held out); logs eval/knn_top1 and eval/knn_top5")
+    g.add_argument("--eval-every", type=int, default=1, help="epochs between kNN evaluations (and one at the end)")
+    g.add_argument("--eval-max-train", type=Optional[int], default=None,
+                   help="cap the labelled train images (stratified); default: all")
+    g.add_argument("--eval-val-split", type=float, default=0.1, help="fraction of train/ held out when DIR has no val/")
+    g.add_argument("--knn-k", type=int, default=20, help="neighbours that vote")
+    g.add_argument("--knn-temperature", type=float, default=0.07, help="vote weight exp(cosine similarity / T)")
     g = runs.add_run_flags(p, output_help="run directory (default: runs/<model>[-demo])")
     g.add_argument("--vis-every", type=int, default=1000, help="steps between reconstruction grids")
     g.add_argument("--ckpt-every", type=int, default=1000, help="steps between last.ckpt updates")
@@ -111,6 +121,15 @@ def check(cfg):
     """Cheap checks of the options, before any data is scanned or model built."""
     runs.check(cfg, "accumulate", "vis_every", "ckpt_every", "save_every_epochs")
     require_backend(cfg.backend)
+    if cfg.eval_data is not None:
+        from fcmae.knn import check_knn
+        check_knn(cfg.knn_k, cfg.knn_temperature, cfg.eval_val_split, cfg.eval_max_train,
+                  ("knn-k", "knn-temperature", "eval-val-split", "eval-max-train"))
+        if cfg.eval_every < 1:
+            raise UserError(f"--eval-every {cfg.eval_every}: must be at least 1 (epochs)")
+        if cfg.strategy == "fsdp":
+            raise UserError("--eval-data with --strategy fsdp is not supported yet (the monitor copies the whole "
+                            "encoder on each rank): use --strategy ddp, or evaluate checkpoints with `fcmae knn`")
 
 
 def require_backend(name, device=None):
@@ -123,7 +142,7 @@ def require_backend(name, device=None):
 
 def callbacks(cfg, out):
     ckpt_dir = out / "checkpoints"
-    return [
+    callbacks = [
         LastCheckpoint(ckpt_dir, cfg.ckpt_every),
         ModelCheckpoint(ckpt_dir, filename="step{step:07d}", auto_insert_metric_name=False, save_top_k=-1,
                         every_n_epochs=cfg.save_every_epochs, save_on_train_epoch_end=True,
@@ -132,6 +151,12 @@ def callbacks(cfg, out):
         Reconstructions(out / "reconstructions", cfg.vis_every),
         TQDMProgressBar(refresh_rate=1),
     ]
+    if cfg.eval_data is not None:
+        from fcmae.monitor import KnnMonitor
+        callbacks.append(KnnMonitor(cfg.eval_data, out, cfg.eval_every, cfg.input_size, cfg.in_chans,
+                                    cfg.eval_val_split, cfg.eval_max_train, cfg.knn_k, cfg.knn_temperature,
+                                    cfg.batch_size, min(cfg.workers, 2), cfg.seed))
+    return callbacks
 
 
 # ----------------------------------------------------------------------------- run

@@ -124,3 +124,19 @@ def loader(dataset, batch_size, workers, train):
     # Full batches in training: Mixup/CutMix pair samples within a batch and needs it even.
     return DataLoader(dataset, batch_size=batch_size, shuffle=train, drop_last=train, num_workers=workers,
                       pin_memory=torch.cuda.is_available(), persistent_workers=workers > 0)
+
+
+def stratified_split(labels, fraction, seed=0):
+    """Split sample indices per class: (kept, held out), each sorted. Each class with two or
+    more samples holds out round(fraction x its count), at least one and never all of them;
+    a class of one sample stays in `kept`. Seeded: the same split on every run and process."""
+    labels = torch.as_tensor(labels)
+    g = torch.Generator().manual_seed(seed)
+    kept, held = [], []
+    for c in labels.unique().tolist():
+        idx = (labels == c).nonzero().flatten()
+        idx = idx[torch.randperm(len(idx), generator=g)]
+        n = min(len(idx) - 1, max(1, round(fraction * len(idx)))) if len(idx) > 1 and fraction > 0 else 0
+        held += idx[:n].tolist()
+        kept += idx[n:].tolist()
+    return sorted(kept), sorted(held)

@@ -257,3 +257,19 @@ def test_resume_matches_a_straight_run(tmp_path, extra, stops):
     trainer, _ = fit(parse(*args, "--max-steps", str(stops[-1]), "--output", str(tmp_path / "b")))
     assert trainer.global_step == stops[-1]  # a finished run stays finished
     assert torch.load(tmp_path / "b" / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == stops[-1]
+
+
+def test_reconstruction_preview_is_spread_over_the_classes(tmp_path):
+    for c in range(4):  # 4 class folders of 5 images: the first 8 files would be classes 0 and 1 only
+        image_folder(tmp_path / f"class{c}", 5, size=64)
+    data = PretrainData(str(tmp_path), input_size=64, batch_size=4, workers=0)
+    keys = data.preview_keys(8)
+    paths = data.dataset.source.paths
+    assert sorted({paths[k].parent.name for k in keys}) == ["class0", "class1", "class2", "class3"]
+    assert len(set(keys)) == 8
+    views, masks = data.preview(8)
+    again, masks_again = data.preview(8)  # fixed across the run: grids stay comparable over time
+    assert torch.equal(views, again) and torch.equal(masks, masks_again)
+    assert torch.equal(views[1], data.dataset[keys[1]][0])
+    small = PretrainData(str(tmp_path / "class0"), input_size=64, batch_size=4, workers=0)
+    assert small.preview_keys(8) == [0, 1, 2, 3, 4]  # fewer samples than the grid: all of them
