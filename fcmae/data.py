@@ -18,28 +18,26 @@ many files it skipped, so the training loop can count them per epoch (`SkippedFi
 process loaded them. With `strict` the first bad file is an error instead.
 
 Every sample is addressed by a key `epoch * len(source) + index`, and its augmentation and mask
-are drawn from a generator seeded by (seed, key). With `ResumableSampler` (a permutation per
-(seed, epoch) that can start part-way through an epoch) a resumed run sees exactly the views
-and masks the interrupted run would have seen, whatever the number of loader workers.
+are drawn from a generator seeded by (seed, key), so a resumed run can see exactly the views and
+masks the interrupted run would have seen (fcmae/datamodule.py serves them in that order).
 """
 import io
 import math
 import warnings
 from pathlib import Path
 
-import lightning as L
 import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFile
 from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import Dataset
 from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes
 from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.transforms import InterpolationMode, v2
 
 from fcmae.errors import UserError
 from fcmae.filelist import PathList, cached_listing, is_dir
-from fcmae.masking import PATCH_SIZE, check_mask_ratio, random_mask
+from fcmae.masking import PATCH_SIZE, random_mask
 
 ARRAY_EXTENSIONS = (".npy",)
 DEMO_IMAGES = 1024  # procedural images in `--data demo`
@@ -349,131 +347,3 @@ def augment(transform, sample, grid, mask_ratio, seed):
         view = transform(sample)
         mask = random_mask(1, grid, grid, mask_ratio)[0]
     return view, mask
-
-
-class CountingViews(Dataset):
-    """The training loader's items: (view, mask, files skipped). The count travels with the
-    batch, so it reaches the training process from any loader worker (`SkippedFiles` sums it)."""
-
-    def __init__(self, views):
-        self.views = views
-
-    def __len__(self):
-        return len(self.views)
-
-    def __getitem__(self, key):
-        return self.views.item(key)
-
-
-class ResumableSampler(Sampler):
-    """This rank's share of a permutation drawn from (seed, epoch), like DistributedSampler
-    (the tail that does not divide evenly is dropped), yielding sample keys. `skip` makes the
-    next pass start part-way through the epoch: a resumed run continues where it stopped."""
-
-    def __init__(self, size, num_replicas=1, rank=0, seed=0):
-        self.size, self.num_replicas, self.rank, self.seed = size, num_replicas, rank, seed
-        self.num_samples = size // num_replicas
-        self.epoch, self.skip = 0, 0
-
-    def set_epoch(self, epoch):  # Lightning calls this at the start of every epoch
-        self.epoch = epoch
-
-    def __len__(self):
-        return self.num_samples
-
-    def __iter__(self):
-        g = torch.Generator().manual_seed(self.seed + self.epoch)
-        order = torch.randperm(self.size, generator=g)[: self.num_samples * self.num_replicas]
-        mine = order[self.rank::self.num_replicas][self.skip:]
-        self.skip = 0
-        return iter((self.epoch * self.size + mine).tolist())
-
-
-class PretrainData(L.LightningDataModule):
-    """Finds and checks the data at construction (before any heavy work), then serves each
-    rank its shard of every epoch; after a resume, the rest of the interrupted epoch."""
-
-    def __init__(self, data="demo", input_size=224, in_chans=3, mask_ratio=0.6, batch_size=64,
-                 workers=8, seed=0, pin_memory=False, strict=False, samples_per_epoch=None, shuffle_buffer=1000):
-        super().__init__()
-        if input_size % PATCH_SIZE:
-            raise UserError(f"--input-size {input_size} is not a multiple of {PATCH_SIZE}: "
-                            f"use e.g. {max(PATCH_SIZE, round(input_size / PATCH_SIZE) * PATCH_SIZE)}")
-        patches = (input_size // PATCH_SIZE) ** 2
-        try:
-            check_mask_ratio(mask_ratio, patches, name="--mask-ratio", image=f"a {input_size}px crop")
-        except ValueError as e:
-            raise UserError(str(e)) from None
-        from fcmae.shards import is_shards, open_shards
-        self.batch_size, self.workers, self.seed, self.pin_memory = batch_size, workers, seed, pin_memory
-        self.sampler = None
-        self.shards = data != "demo" and is_shards(data)
-        if self.shards:  # WebDataset shards (fcmae/shards.py)
-            def transform_for(arrays):
-                self.norm = normalization(in_chans, arrays)
-                return pretrain_transform(input_size, self.norm)
-            self.dataset, _ = open_shards(data, in_chans, samples_per_epoch, transform_for, input_size, mask_ratio,
-                                          seed, batch_size, shuffle_buffer, strict)
-            self.epoch_samples = self.dataset.samples
-            return
-        if samples_per_epoch is not None:
-            raise UserError("--samples-per-epoch is for shards (a folder's epoch is all its files): drop it, "
-                            "or point --data at shards")
-        source, arrays = find_source(data, in_chans, input_size, strict)
-        self.norm = normalization(in_chans, arrays)  # for un-normalizing reconstructions
-        self.dataset = MaskedViews(source, pretrain_transform(input_size, self.norm), input_size, mask_ratio, seed)
-        self.epoch_samples = len(self.dataset)
-
-    def batches_per_epoch(self, world_size):
-        """Full batches one rank gets per epoch (drop_last)."""
-        return self.epoch_samples // world_size // self.batch_size
-
-    def train_dataloader(self):
-        trainer = self.trainer
-        if self.shards:
-            return self.shard_loader(trainer)
-        self.sampler = ResumableSampler(len(self.dataset), trainer.world_size, trainer.global_rank, self.seed)
-        epoch, batches_done = self.position(trainer)
-        self.sampler.set_epoch(epoch)
-        self.sampler.skip = batches_done * self.batch_size
-        return DataLoader(CountingViews(self.dataset), batch_size=self.batch_size, sampler=self.sampler, drop_last=True,
-                          num_workers=self.workers, pin_memory=self.pin_memory,
-                          persistent_workers=self.workers > 0)
-
-    def position(self, trainer):
-        """(epoch, batches of it already trained on) for the loader Lightning builds once at the
-        start of fit: (0, 0) for a new run, later for a resumed one. Checkpoints are written after
-        an optimizer step, so the step count says where the run stopped. Exact when batch size,
-        devices and accumulation are those of the interrupted run."""
-        per_epoch = self.batches_per_epoch(trainer.world_size)
-        accumulate = trainer.accumulate_grad_batches
-        steps_done = trainer.global_step - trainer.current_epoch * math.ceil(per_epoch / accumulate)
-        batches_done = min(max(steps_done, 0) * accumulate, per_epoch)
-        if batches_done == per_epoch:
-            # Saved at the epoch's last batch: Lightning goes on with the next epoch, on this loader.
-            return trainer.current_epoch + 1, 0
-        return trainer.current_epoch, batches_done
-
-    def shard_loader(self, trainer):
-        from fcmae.shards import EpochLoader, need_shards
-        refusal = need_shards(len(self.dataset.urls), trainer.world_size, self.workers)
-        if refusal:
-            raise UserError(refusal)
-        self.dataset.place(trainer.global_rank, trainer.world_size)
-        return EpochLoader(self.dataset, lambda: trainer.current_epoch, self.position(trainer),
-                           batch_size=self.batch_size, drop_last=True, num_workers=self.workers,
-                           pin_memory=self.pin_memory)
-
-    def preview_keys(self, n=8):
-        """n sample keys spread evenly over the dataset: files are listed class by class, so the
-        first n would all come from the first class."""
-        size = len(self.dataset)
-        return [i * size // n for i in range(n)] if n < size else list(range(size))
-
-    def preview(self, n=8):
-        """A fixed batch (same views and masks every call) for reconstructions: `preview_keys`
-        for folders, the first n samples of the first shard for shards."""
-        if self.shards:
-            return self.dataset.preview(n)
-        views, masks = zip(*(self.dataset[k] for k in self.preview_keys(n)))
-        return torch.stack(views), torch.stack(masks)

@@ -22,7 +22,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar
 
 from fcmae import runs
 from fcmae.callbacks import LastCheckpoint, Reconstructions, Throughput
-from fcmae.data import PretrainData
+from fcmae.datamodule import PretrainData
 from fcmae.encoders import BACKEND_CHOICES, SIZES, check_backend, resolve_backend
 from fcmae.errors import UserError
 from fcmae.module import PretrainModule

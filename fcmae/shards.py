@@ -84,17 +84,17 @@ def source_files(src):
                         f"(DIR/train/<class>/<file>, DIR/<class>/<file> or DIR/<file>)")
     if (root / "train").is_dir():
         root = root / "train"
-    paths = list_files(root)
-    if not paths:
+    listed = list_files(root)
+    if not len(listed):
         raise UserError(f"no images or .npy files in '{root}': expected DIR/train/<class>/<file>, "
                         f"DIR/<class>/<file> or files directly in DIR")
-    if {p.suffix.lower() in ARRAY_EXTENSIONS for p in paths} == {True, False}:
+    arrays = listed.has_suffix(ARRAY_EXTENSIONS[0])
+    if arrays.any() and not arrays.all():
         raise UserError(f"'{src}' mixes images and .npy arrays: keep one kind per data folder")
-    if paths[0].parent == root:
+    paths = [listed[i] for i in range(len(listed))]  # writing shards is one pass: a plain list is fine
+    if listed.classes is None:
         return root, paths, None, None
-    classes = sorted({p.parent.name for p in paths})
-    index = {c: i for i, c in enumerate(classes)}
-    return root, paths, [index[p.parent.name] for p in paths], classes
+    return root, paths, listed.labels.tolist(), list(listed.classes)
 
 
 def sample_key(root, path):

@@ -5,7 +5,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from fcmae.data import PretrainData
+from fcmae.datamodule import PretrainData
 from fcmae.masking import num_visible
 
 

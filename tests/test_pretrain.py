@@ -12,7 +12,7 @@ from PIL import Image
 
 from fcmae.callbacks import AtomicCheckpointIO, reconstruction_grid
 from fcmae.cli import with_recipe
-from fcmae.data import PretrainData, ResumableSampler
+from fcmae.datamodule import PretrainData, ResumableSampler
 from fcmae.encoders import SIZES
 from fcmae.errors import UserError
 from fcmae.module import PretrainModule

@@ -17,7 +17,8 @@ from PIL import Image
 from webdataset.writer import TarWriter
 
 from fcmae.cli import main, with_recipe
-from fcmae.data import PretrainData, load_image
+from fcmae.data import load_image
+from fcmae.datamodule import PretrainData
 from fcmae.errors import UserError
 from fcmae.pretrain import DEFAULT_MODEL, build_parser, fit
 from fcmae.shards import EpochLoader, read_shard, write_shards

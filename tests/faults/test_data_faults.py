@@ -8,7 +8,8 @@ import pytest
 import torch
 from PIL import Image
 
-from fcmae.data import FileSamples, PretrainData, pretrain_transform
+from fcmae.data import FileSamples, pretrain_transform
+from fcmae.datamodule import PretrainData
 from fcmae.errors import UserError
 from fcmae.finetune import data as ft_data
 from fcmae.pretrain import fit
