@@ -16,12 +16,10 @@ each one pickles (`torch.serialization.get_unsafe_globals_in_checkpoint`):
 A file that needs anything else is refused with one line before anything in it runs;
 `--trust-checkpoint` (trust=True: full unpickling, which runs code from the file) is the only way
 past it. Writes go to `<path>.tmp`, are fsynced, then renamed over `<path>`: a crash or a full
-disk leaves the previous file whole.
+disk leaves the previous file whole (fcmae/files.py).
 """
 import argparse
-import errno
 import json
-import os
 import pickle
 import re
 from dataclasses import dataclass
@@ -35,6 +33,7 @@ from safetensors.torch import load_file, save_file
 from fcmae.encoders import SIZES
 from fcmae.encoders.convert import is_minkowski_layout, to_dense_encoder, unwrap
 from fcmae.errors import UserError
+from fcmae.files import atomic_write
 
 SAFE_GLOBALS = [argparse.Namespace]  # see the module docstring for why exactly these
 
@@ -270,45 +269,6 @@ def describe(path, trust=False):
 
 
 # ----------------------------------------------------------------------------- writing
-
-def os_error(e):
-    """The OSError behind `e`, if any: torch.save's zip writer may replace a failed write's
-    OSError (e.g. ENOSPC) with a RuntimeError of its own while closing the file."""
-    while e is not None and not isinstance(e, OSError):
-        e = e.__cause__ or e.__context__
-    return e
-
-
-def atomic_write(path, write, mode=None):
-    """write(tmp) fills `<path>.tmp`; it is fsynced and renamed over `path` (atomic on POSIX:
-    readers see the old file or the new one), then the directory is fsynced so the rename itself
-    survives a crash. On failure the partial file is removed and the old one stays."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        write(tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        if mode is not None:
-            os.chmod(tmp, mode)
-        os.replace(tmp, path)
-    except BaseException as e:
-        tmp.unlink(missing_ok=True)
-        cause = os_error(e)
-        if cause is not None and cause.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise UserError(f"no space left on device while saving {path}: free space or point --output "
-                            f"elsewhere; the previous checkpoint is intact") from e
-        if cause is not None:
-            raise UserError(f"cannot write {path} ({cause}): check the disk, or point --output elsewhere; "
-                            f"the previous checkpoint is intact") from e
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
-
 
 def save_torch(obj, path):
     """torch.save, atomically (see atomic_write)."""

@@ -19,6 +19,9 @@ from pathlib import Path
 
 import numpy as np
 
+from fcmae.errors import UserError
+from fcmae.files import atomic_write
+
 CACHE_VERSION = 1
 # A folder modified this recently is not cached: a file added in the same clock tick as the
 # listing would leave its modification time unchanged (coarse timestamps: NFS, FAT: 2 s).
@@ -224,21 +227,14 @@ def save_listing(file, paths, listing, absolute, kind):
     if paths.classes is not None:
         classes = PathList.from_paths(paths.classes)
         arrays.update(labels=paths.labels, class_data=classes.data, class_offsets=classes.offsets)
-    tmp = file.with_name(f".{file.name}.{os.getpid()}.tmp")
-    try:
-        file.parent.mkdir(parents=True, exist_ok=True)
+    def write(tmp):
         with open(tmp, "wb") as f:
             np.savez(f, **arrays)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, file)  # atomic: a reader sees the old file or the whole new one
-    except OSError as e:
-        try:
-            tmp.unlink(missing_ok=True)
-        except OSError:
-            pass
-        warnings.warn(f"cannot write the file listing cache {file} ({type(e).__name__}: {e}): "
-                      f"the folder is listed again at the next start", stacklevel=3)
+    try:  # one temporary name per process: DDP ranks may list the same folder at once
+        atomic_write(file, write, tmp=file.with_name(f".{file.name}.{os.getpid()}.tmp"))
+    except (UserError, OSError) as e:  # a cache that cannot be written costs a slower next start, nothing else
+        warnings.warn(f"cannot write the file listing cache {file} ({e}): the folder is listed again at the "
+                      f"next start", stacklevel=3)
 
 
 def load_listing(file, root, absolute, kind):

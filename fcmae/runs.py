@@ -21,7 +21,8 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_only
 
 from fcmae.callbacks import AtomicCheckpointIO, LastCheckpoint, SkippedFiles
-from fcmae.checkpoints import atomic_write, read_run_checkpoint
+from fcmae.checkpoints import read_run_checkpoint
+from fcmae.files import atomic_write
 from fcmae.errors import NonFiniteLoss, UserError
 
 PRECISIONS = ("auto", "32", "bf16-mixed", "16-mixed")

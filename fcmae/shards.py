@@ -34,7 +34,6 @@ and key, and counted in the batch's skipped count (`data/skipped`), or fatal wit
 import hashlib
 import io
 import json
-import os
 import warnings
 from itertools import chain
 from pathlib import Path
@@ -51,6 +50,7 @@ from webdataset.writer import TarWriter
 from fcmae.data import (ARRAY_EXTENSIONS, MAX_SKIP, BadFile, BadFileWarning, augment, read_array, read_image,
                         reason)
 from fcmae.errors import UserError
+from fcmae.files import atomic_write, write_atomic
 from fcmae.masking import PATCH_SIZE
 
 INDEX = "index.json"
@@ -127,15 +127,6 @@ def kind_and_chans(path):
         return "images", 1 if img.mode in ("L", "1", "I", "I;16", "I;16B", "I;16L", "LA") else 3
 
 
-def write_file_atomic(path, data):
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def write_shards(src, out, max_size="1GB", samples_per_shard=None, progress=True):
     """Write SRC's files as shards in OUT; returns the index (a dict, also OUT/index.json)."""
     from tqdm import tqdm
@@ -157,7 +148,7 @@ def write_shards(src, out, max_size="1GB", samples_per_shard=None, progress=True
         index_path.unlink(missing_ok=True)
         for old in out.glob("shard-*.tar*"):
             old.unlink()
-        write_file_atomic(plan_path, json.dumps(plan).encode())
+        write_atomic(plan_path, json.dumps(plan))
     keys = [sample_key(root, p) for p in paths]
     if len(set(keys)) != len(keys):  # a.b.jpg and a_b.jpg: tell them apart by their position
         keys = [f"{k}_{i}" for i, k in enumerate(keys)]
@@ -173,16 +164,15 @@ def write_shards(src, out, max_size="1GB", samples_per_shard=None, progress=True
     bar.close()
     index = {"format": "fcmae-shards", "kind": kind, "in_chans": in_chans, "samples": len(paths),
              "classes": classes, "shards": [{"name": SHARD_NAME.format(s), "samples": n} for s, n in enumerate(counts)]}
-    write_file_atomic(index_path, json.dumps(index, indent=1).encode())
+    write_atomic(index_path, json.dumps(index, indent=1))
     plan_path.unlink()
     return index
 
 
 def write_shard(path, files, keys, labels):
-    """One shard, atomically: written as PATH.tmp, fsynced, renamed."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        with TarWriter(f, encoder=False, mtime=0) as tar:  # mtime 0: the same files give the same bytes
+    """One shard, atomically (fcmae/files.py)."""
+    def write(tmp):
+        with open(tmp, "wb") as f, TarWriter(f, encoder=False, mtime=0) as tar:  # mtime 0: same files, same bytes
             for i, (file, key) in enumerate(zip(files, keys)):
                 try:
                     data = file.read_bytes()
@@ -193,9 +183,7 @@ def write_shard(path, files, keys, labels):
                 if labels is not None:
                     sample["cls"] = str(labels[i]).encode()
                 tar.write(sample)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    atomic_write(path, write)
 
 
 # ----------------------------------------------------------------------------- reading
