@@ -104,7 +104,7 @@ def test_backends_share_one_parameter_set():
 
 def test_grn_is_per_sample():
     """A sample's features must not depend on the other samples of the batch (the release's
-    sparse GRN normalizes over the whole batch: facts.md)."""
+    sparse GRN normalizes over the whole batch: docs/method.md)."""
     torch.manual_seed(0)
     encoder = randomize_(SparseConvNeXtV2(TINY, backend="sparse"))
     imgs, mask = torch.randn(3, 3, 64, 64), random_mask(3, 2, 2, 0.5)

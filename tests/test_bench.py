@@ -37,7 +37,7 @@ def test_bench_one_step_json_line(capsys, tmp_path):
 
 def test_visible_flops_match_model_flops():
     """At mask ratio 0 the encoder's count is the usual model FLOPs (tiny: 4.47 G multiply-adds,
-    facts.md, which include the 0.8 M of the classifier head we do not have)."""
+    the paper's table (docs/method.md), which include the 0.8 M of the classifier head we do not have)."""
     f = bench.visible_flops("tiny", 224, 1, 0.0)
     assert f["encoder_fwd"] / 2 == pytest.approx(4.47e9, rel=0.01)
     assert bench.visible_flops("tiny", 224, 1, 0.6)["encoder_fwd"] < 0.45 * f["encoder_fwd"]

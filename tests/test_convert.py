@@ -11,7 +11,7 @@ from helpers import TINY, randomize_
 
 
 def release_checkpoint(ours):
-    """Our FCMAE state dict written the way the public release stores it (facts.md), spelled out
+    """Our FCMAE state dict written the way the public release stores it (docs/checkpoints.md), spelled out
     key by key here, independently of the library's converter."""
     out = {}
     for k, v in ours.items():

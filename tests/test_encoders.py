@@ -5,7 +5,7 @@ import torch
 from fcmae.encoders import SIZES, ConvNeXtV2, create_model
 from helpers import TINY
 
-# facts.md: parameters (millions) of the 1000-class classifier, as published (rounded to 0.1M).
+# The paper's table: parameters (millions) of the 1000-class classifier, as published (rounded to 0.1M).
 PUBLISHED_PARAMS = {"atto": 3.7, "femto": 5.2, "pico": 9.1, "nano": 15.6, "tiny": 28.6,
                     "base": 89, "large": 198, "huge": 660}
 

@@ -59,7 +59,7 @@ def parse(*args):
 
 # ----------------------------------------------------------------------------- recipes
 
-# facts.md's table: eff. batch, blr, epochs, warmup, layer decay, wd, drop path, mixup, cutmix, smoothing
+# docs/method.md's table: eff. batch, blr, epochs, warmup, layer decay, wd, drop path, mixup, cutmix, smoothing
 DOCUMENTED = {
     "atto": (1024, 2e-4, 600, 0, "single", 0.9, 0.3, 0.1, 0.0, 0.0, 0.2),
     "tiny": (1024, 8e-4, 300, 40, "single", 0.9, 0.05, 0.2, 0.8, 1.0, 0.1),

@@ -1,4 +1,4 @@
-"""Against the real MinkowskiEngine: the kernel orderings of facts.md, and a clear error without it."""
+"""Against the real MinkowskiEngine: the kernel orderings of docs/checkpoints.md, and a clear error without it."""
 import builtins
 
 import pytest
