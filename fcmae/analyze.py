@@ -43,7 +43,9 @@ def build_parser():
     p.add_argument("--data", type=str, required=True,
                    help="images: DIR/val/<class>/..., DIR/train/<class>/..., DIR/<class>/... or a flat folder")
     p.add_argument("--images", type=int, default=1000, help="images to average over, spread over the classes")
-    p.add_argument("--input-size", type=int, default=224, help="eval crop side in pixels, a multiple of 32")
+    p.add_argument("--input-size", type=Optional[int], default=None,
+                   help="eval crop side in pixels, a multiple of 32 (default: the first checkpoint's training size, "
+                        "else 224)")
     p.add_argument("--layer", type=Optional[str], default=None,
                    help="STAGE.BLOCK whose expansion layer activations.png shows (default: the middle block of stage 2, "
                         "0-based: the third stage)")
@@ -52,6 +54,8 @@ def build_parser():
     p.add_argument("--workers", type=int, default=2, help="data loader processes")
     p.add_argument("--device", type=str, default="auto", help="auto (cuda if available) | cpu | cuda")
     p.add_argument("--seed", type=int, default=0, help="for --random-init")
+    p.add_argument("--trust-checkpoint", action="store_true",
+                   help="load a torch file that needs full unpickling: runs code from the file, so only for files you trust")
     return p
 
 
@@ -229,13 +233,15 @@ def analyze(cfg):
         raise UserError("nothing to analyze: pass --checkpoint FILE_OR_RUN_DIR (repeatable) and/or --random-init")
     if cfg.images < 1:
         raise UserError(f"--images {cfg.images}: must be at least 1 (the paper uses 1000)")
-    if cfg.input_size % 32:
-        raise UserError(f"--input-size {cfg.input_size} is not a multiple of 32: use e.g. "
-                        f"{max(32, round(cfg.input_size / 32) * 32)}")
     device = pick_device(cfg.device)
-    encoders = {}
+    encoders, trained_sizes = {}, []
     for label, c in zip(labels_for(checkpoints), checkpoints):
-        encoders[label] = load_encoder(c, False, None, None)[0]
+        encoders[label], _, meta = load_encoder(c, False, None, None, trust=cfg.trust_checkpoint)
+        trained_sizes.append(meta.get("trained_input_size"))
+    input_size = cfg.input_size or next((s for s in trained_sizes if s), None) or 224
+    if input_size % 32:
+        raise UserError(f"--input-size {input_size} is not a multiple of 32: use e.g. "
+                        f"{max(32, round(input_size / 32) * 32)}")
     if cfg.random_init:  # by default the first checkpoint's architecture: the same layers, untrained
         first = next(iter(encoders.values()), None)
         model = cfg.model or (({"depths": list(first.depths), "dims": list(first.dims)}) if first else "atto")
@@ -249,7 +255,7 @@ def analyze(cfg):
     check_in_chans(in_chans)
 
     paths = pick_images(cfg.data, cfg.images)
-    dataset = Images(paths, eval_transform(cfg.input_size, in_chans), in_chans)
+    dataset = Images(paths, eval_transform(input_size, in_chans), in_chans)
     loader = DataLoader(dataset, batch_size=cfg.batch_size, num_workers=cfg.workers)
     results, seconds = {}, {}
     for label, encoder in encoders.items():
@@ -271,7 +277,7 @@ def analyze(cfg):
     writer.writeheader()
     writer.writerows(rows)
     write_atomic(out / "distances.csv", buf.getvalue())
-    record = {"data": cfg.data, "images": len(dataset), "input_size": cfg.input_size, "layer": layer,
+    record = {"data": cfg.data, "images": len(dataset), "input_size": input_size, "layer": layer,
               "encoders": {label: {"checkpoint": c, "seconds": round(seconds[label], 2), "blocks": results[label]}
                            for label, c in zip_longest(encoders, checkpoints)}}
     write_atomic(out / "distances.json", json.dumps(record, indent=2) + "\n")

@@ -41,13 +41,16 @@ def build_parser():
                    help="cap the labelled train images (stratified); default: all")
     p.add_argument("--k", type=int, default=20, help="neighbours that vote")
     p.add_argument("--temperature", type=float, default=0.07, help="vote weight exp(cosine similarity / T)")
-    p.add_argument("--input-size", type=int, default=224, help="eval crop side in pixels, a multiple of 32")
+    p.add_argument("--input-size", type=Optional[int], default=None,
+                   help="eval crop side in pixels, a multiple of 32 (default: the checkpoint's training size, else 224)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--workers", type=int, default=2, help="data loader processes")
     p.add_argument("--precision", type=Literal["auto", "32", "bf16-mixed", "16-mixed"], default="auto",
                    help="auto = bf16-mixed on GPUs that support it, else 32")
     p.add_argument("--device", type=str, default="auto", help="auto (cuda if available) | cpu | cuda")
     p.add_argument("--output", type=Optional[str], default="knn.json", help="JSON file for the result")
+    p.add_argument("--trust-checkpoint", action="store_true",
+                   help="load a torch file that needs full unpickling: runs code from the file, so only for files you trust")
     p.add_argument("--seed", type=int, default=0, help="for --val-split, --max-train and --random-init")
     return p
 
@@ -123,15 +126,17 @@ def pick_device(device):
     return device
 
 
-def load_encoder(checkpoint, random_init, model, in_chans, seed=0):
-    """(dense encoder, label, meta) for `--checkpoint` or `--random-init`."""
+def load_encoder(checkpoint, random_init, model, in_chans, seed=0, trust=False):
+    """(dense encoder, label, meta) for `--checkpoint` or `--random-init`; meta holds the
+    checkpoint's kind, steps and training input size where known."""
     if random_init == (checkpoint is not None):
         raise UserError("pass exactly one of --checkpoint FILE_OR_RUN_DIR and --random-init")
     if random_init:
         return dense_encoder(None, model, in_chans, seed), f"random init ({model})", {}
     from fcmae.checkpoints import read_weights
-    weights = read_weights(checkpoint)
-    return dense_encoder(weights), str(checkpoint), {"kind": weights.kind, "steps": weights.meta.get("steps")}
+    weights = read_weights(checkpoint, trust=trust)
+    return dense_encoder(weights), str(checkpoint), {"kind": weights.kind, "steps": weights.meta.get("steps"),
+                                                     "trained_input_size": weights.meta.get("input_size")}
 
 
 def run(cfg):
@@ -141,8 +146,10 @@ def run(cfg):
 def knn(cfg):
     """`fcmae knn`; returns the JSON record."""
     check_knn(cfg.k, cfg.temperature, cfg.val_split, cfg.max_train)
-    encoder, name, meta = load_encoder(cfg.checkpoint, cfg.random_init, cfg.model, cfg.in_chans, cfg.seed)
-    train, val, classes = labelled_sets(cfg.data, cfg.input_size, encoder.in_chans, cfg.val_split, cfg.max_train,
+    encoder, name, meta = load_encoder(cfg.checkpoint, cfg.random_init, cfg.model, cfg.in_chans, cfg.seed,
+                                       cfg.trust_checkpoint)
+    input_size = cfg.input_size or meta.get("trained_input_size") or 224
+    train, val, classes = labelled_sets(cfg.data, input_size, encoder.in_chans, cfg.val_split, cfg.max_train,
                                         cfg.seed)
     device, precision = pick_device(cfg.device), make_precision(cfg.precision)
     result = evaluate(encoder.to(device), train, val, len(classes), cfg.k, cfg.temperature, device, precision,
@@ -150,7 +157,7 @@ def knn(cfg):
     print(f"kNN (k={cfg.k}, T={cfg.temperature}) {name}: top-1 {result['top1']:.2f}%  top-5 {result['top5']:.2f}%  "
           f"({result['train']} train / {result['val']} val images, {len(classes)} classes, {result['seconds']:.1f}s)")
     record = {"checkpoint": cfg.checkpoint, "random_init": cfg.random_init, **meta, "data": cfg.data,
-              "input_size": cfg.input_size, "k": cfg.k, "temperature": cfg.temperature, "classes": len(classes),
+              "input_size": input_size, "k": cfg.k, "temperature": cfg.temperature, "classes": len(classes),
               **{k: (round(v, 4) if isinstance(v, float) and math.isfinite(v) else v) for k, v in result.items()}}
     if cfg.output:
         print(f"wrote {write_atomic(cfg.output, json.dumps(record, indent=2) + chr(10))}")

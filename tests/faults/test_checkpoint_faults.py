@@ -90,7 +90,8 @@ class Touch:
         return Path.touch, (Path(self.marker),)
 
 
-@pytest.mark.parametrize("where", ["export", "eval", "finetune --pretrained", "export --trust-checkpoint"])
+@pytest.mark.parametrize("where", ["export", "eval", "finetune --pretrained", "pretrain --resume", "knn", "analyze",
+                                   "export --trust-checkpoint"])
 def test_a_checkpoint_that_would_run_code_is_refused_before_it_runs(fcmae, tmp_path, where):
     """A .pth of real-looking weights whose pickle creates a marker file when loaded: no command
     that takes weights loads it, only --trust-checkpoint gets past (and then the code does run)."""
@@ -102,6 +103,14 @@ def test_a_checkpoint_that_would_run_code_is_refused_before_it_runs(fcmae, tmp_p
         argv = ["export", path, "--output", tmp_path / "out.safetensors", *where.split()[1:]]
     elif where == "eval":
         argv = ["eval", "--checkpoint", path, "--data", data, "--workers", "0", "--accelerator", "cpu"]
+    elif where == "pretrain --resume":
+        argv = ["pretrain", *PRETRAIN, "--resume", path, "--output", tmp_path / "run"]
+    elif where == "knn":
+        argv = ["knn", "--checkpoint", path, "--data", data, "--workers", "0", "--device", "cpu",
+                "--output", tmp_path / "out.safetensors"]
+    elif where == "analyze":
+        argv = ["analyze", "--checkpoint", path, "--data", data, "--workers", "0", "--device", "cpu",
+                "--output", tmp_path / "run"]
     else:
         argv = ["finetune", *FINETUNE, "--model", "atto", "--data", data, "--pretrained", path,
                 "--output", tmp_path / "run"]
