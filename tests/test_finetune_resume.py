@@ -16,14 +16,6 @@ def _one_thread(one_thread):
     """Runs every test here with one compute thread (tests/conftest.py)."""
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "fine-tuning resume is not exact: (1) --max-steps shortens the lr schedule (configure_optimizers "
-    "takes trainer.estimated_stepping_batches, which Lightning caps at max_steps), so the first N steps "
-    "already differ, and the resumed run restores timm's scheduler state (t_initial, warmup_t) from the "
-    "N-step run, so it trains at min_lr; (2) the data order and augmentations come from the global RNGs (DataLoader "
-    "shuffle=True, timm transforms), which Lightning does not checkpoint: the resumed process restarts "
-    "them from seed_everything(seed); (3) resuming from a checkpoint written at an epoch's last batch "
-    "runs an empty epoch, so the epoch count is one ahead of the straight run's"))
 def test_resume_matches_a_straight_run_on_weights(tmp_path):
     shapes = shapes_dataset(tmp_path / "shapes", per_class=(16, 2))  # 48 train images: 3 steps of 16 per epoch
     run = lambda out, steps: finetune("--data", str(shapes), "--output", str(tmp_path / out), *PLAIN,
