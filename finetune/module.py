@@ -156,16 +156,22 @@ def set_rng_states(states):
 
 
 def start_next_epoch(checkpoint):
-    """A checkpoint written once an epoch was over (at the end of training, after validation)
-    still counts that epoch's batches as the current ones. With --max-steps, Lightning resumes
-    it as an unfinished epoch and runs it empty, one epoch ahead of an uninterrupted run (its
-    data order, the epoch count, --epochs). Zero those counts: the run starts the next epoch,
-    as Lightning does without --max-steps."""
+    """Where a run resumes from a checkpoint written once Lightning had closed the epoch (at the
+    end of training, after validation). With --max-steps Lightning resumes such an epoch as an
+    unfinished one: after the epoch's last batch it runs it empty, one epoch ahead of an
+    uninterrupted run (its data order, the epoch count); stopped inside the epoch, it counts the
+    rest of it as the next epoch. Here the first starts the next epoch, as Lightning does without
+    --max-steps, and the second reopens the epoch where it stopped."""
     loop = checkpoint.get("loops", {}).get("fit_loop")
     if not loop or "epoch_loop.batch_progress" not in loop:
         return
-    epochs = loop["epoch_progress"]["current"]
-    if epochs["ready"] == epochs["started"] == epochs["processed"] == epochs["completed"]:  # none in progress
-        batches = loop["epoch_loop.batch_progress"]
+    epochs, batches = loop["epoch_progress"], loop["epoch_loop.batch_progress"]
+    if len(set(epochs["current"].values())) > 1:  # saved inside an epoch: Lightning resumes it right
+        return
+    if batches["is_last_batch"]:
         batches["current"] = dict.fromkeys(batches["current"], 0)
         batches["is_last_batch"] = False
+    elif batches["current"]["completed"] > 0:
+        for count in (epochs["current"], epochs["total"]):
+            count["processed"] -= 1
+            count["completed"] -= 1
