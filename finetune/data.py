@@ -171,17 +171,21 @@ class FinetuneData(L.LightningDataModule):
         sampler.skip = batches_done * self.batch_size
         # It resumes inside the epoch itself; Lightning cannot see that and would warn.
         warnings.filterwarnings("ignore", message=".*resuming from a checkpoint that ended before the epoch ended")
-        # Its own generator: a new epoch's iterator draws a seed from it, not from the global RNG
-        # whose state the checkpoint keeps (FinetuneModule), so a resume does not shift that.
         return loader(SeededItems(self.train, self.seed), self.batch_size, self.workers, train=True,
-                      sampler=sampler, generator=torch.Generator().manual_seed(self.seed))
+                      sampler=sampler, generator=self.generator())
 
     def val_dataloader(self):
         trainer = self.trainer
         sampler = None
         if trainer.world_size > 1:
             sampler = DistributedSampler(self.val, trainer.world_size, trainer.global_rank, shuffle=False)
-        return loader(self.val, self.batch_size, self.workers, train=False, sampler=sampler)
+        return loader(self.val, self.batch_size, self.workers, train=False, sampler=sampler, generator=self.generator())
+
+    def generator(self):
+        """A loader's own generator: each new iterator draws its workers' seed from it, not from
+        the global RNG whose state the checkpoint keeps (FinetuneModule). With persistent workers
+        a resumed run makes its iterators at other points than an uninterrupted one."""
+        return torch.Generator().manual_seed(self.seed)
 
 
 def stratified_split(labels, fraction, seed=0):
