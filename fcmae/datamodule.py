@@ -2,9 +2,9 @@
 each rank's share of every epoch, and the place in it where a resumed run continues.
 
 Folders: `ResumableSampler` (fine-tuning's too: finetune/data.py) draws a permutation per (seed,
-epoch) and can start part-way through an epoch; every sample's view and mask come from (seed, key) (fcmae/data.py), so a resumed run
-sees exactly the views and masks the interrupted run would have seen, whatever the number of
-loader workers. Shards: fcmae/shards.py keeps the same promise for streams.
+epoch) and can start part-way through an epoch; every sample's view and mask come from (seed, key)
+(fcmae/data.py), so a resumed run sees exactly the views and masks the interrupted run would have
+seen, whatever the number of loader workers. Shards: fcmae/shards.py keeps the same promise for streams.
 """
 import math
 
