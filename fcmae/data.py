@@ -23,7 +23,9 @@ masks the interrupted run would have seen (fcmae/datamodule.py serves them in th
 """
 import io
 import math
+import random
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -336,14 +338,29 @@ class MaskedViews(Dataset):
 
 
 def augment(transform, sample, grid, mask_ratio, seed):
-    """(view, mask) of one sample, both drawn from a generator seeded with `seed`: reproducible
-    whichever process draws them. fork_rng keeps the caller's global RNG untouched (with 0
-    workers that is the training process)."""
-    with torch.random.fork_rng(devices=[]):
-        # The CPU generator only (what the transforms draw from): torch.manual_seed would also
-        # queue a seed for every CUDA device, recording a stack trace each time (measured: about
-        # a quarter of a loader process's time per view).
-        torch.default_generator.manual_seed(seed)
+    """(view, mask) of one sample, both drawn from RNGs seeded with `seed` (`seeded`):
+    reproducible whichever process draws them."""
+    with seeded(seed):
         view = transform(sample)
         mask = random_mask(1, grid, grid, mask_ratio)[0]
     return view, mask
+
+
+@contextmanager
+def seeded(seed):
+    """Seed the global RNGs a transform may draw from (torch's CPU generator, numpy's, Python's
+    `random`: timm's draw from all three) with `seed`, and give the caller's states back after,
+    so that with 0 loader workers the training process's own random stream is untouched."""
+    np_state, py_state = np.random.get_state(), random.getstate()
+    with torch.random.fork_rng(devices=[]):
+        # The CPU generator only: torch.manual_seed would also queue a seed for every CUDA
+        # device, recording a stack trace each time (measured: about a quarter of a loader
+        # process's time per view).
+        torch.default_generator.manual_seed(seed)
+        np.random.seed(seed % 2**32)
+        random.seed(seed)
+        try:
+            yield
+        finally:
+            np.random.set_state(np_state)
+            random.setstate(py_state)

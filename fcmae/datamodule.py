@@ -1,10 +1,10 @@
 """The pre-training data module: which source `--data` names (demo, folder, WebDataset shards),
 each rank's share of every epoch, and the place in it where a resumed run continues.
 
-Folders: `ResumableSampler` draws a permutation per (seed, epoch) and can start part-way through
-an epoch; every sample's view and mask come from (seed, key) (fcmae/data.py), so a resumed run
-sees exactly the views and masks the interrupted run would have seen, whatever the number of
-loader workers. Shards: fcmae/shards.py keeps the same promise for streams.
+Folders: `ResumableSampler` (fine-tuning's too: finetune/data.py) draws a permutation per (seed,
+epoch) and can start part-way through an epoch; every sample's view and mask come from (seed, key)
+(fcmae/data.py), so a resumed run sees exactly the views and masks the interrupted run would have
+seen, whatever the number of loader workers. Shards: fcmae/shards.py keeps the same promise for streams.
 """
 import math
 
@@ -54,6 +54,20 @@ class ResumableSampler(Sampler):
         mine = order[self.rank::self.num_replicas][self.skip:]
         self.skip = 0
         return iter((self.epoch * self.size + mine).tolist())
+
+
+def resume_position(trainer, batches_per_epoch):
+    """(epoch, batches of it already trained on) for the loader Lightning builds once at the
+    start of fit: (0, 0) for a new run, later for a resumed one. Checkpoints are written after
+    an optimizer step, so the step count says where the run stopped. Exact when batch size,
+    devices and accumulation are those of the interrupted run."""
+    accumulate = trainer.accumulate_grad_batches
+    steps_done = trainer.global_step - trainer.current_epoch * math.ceil(batches_per_epoch / accumulate)
+    batches_done = min(max(steps_done, 0) * accumulate, batches_per_epoch)
+    if batches_done == batches_per_epoch:
+        # Saved at the epoch's last batch: Lightning goes on with the next epoch, on this loader.
+        return trainer.current_epoch + 1, 0
+    return trainer.current_epoch, batches_done
 
 
 class PretrainData(L.LightningDataModule):
@@ -107,18 +121,8 @@ class PretrainData(L.LightningDataModule):
                           persistent_workers=self.workers > 0)
 
     def position(self, trainer):
-        """(epoch, batches of it already trained on) for the loader Lightning builds once at the
-        start of fit: (0, 0) for a new run, later for a resumed one. Checkpoints are written after
-        an optimizer step, so the step count says where the run stopped. Exact when batch size,
-        devices and accumulation are those of the interrupted run."""
-        per_epoch = self.batches_per_epoch(trainer.world_size)
-        accumulate = trainer.accumulate_grad_batches
-        steps_done = trainer.global_step - trainer.current_epoch * math.ceil(per_epoch / accumulate)
-        batches_done = min(max(steps_done, 0) * accumulate, per_epoch)
-        if batches_done == per_epoch:
-            # Saved at the epoch's last batch: Lightning goes on with the next epoch, on this loader.
-            return trainer.current_epoch + 1, 0
-        return trainer.current_epoch, batches_done
+        """(epoch, batches of it already trained on) where this run starts (`resume_position`)."""
+        return resume_position(trainer, self.batches_per_epoch(trainer.world_size))
 
     def shard_loader(self, trainer):
         refusal = need_shards(len(self.dataset.urls), trainer.world_size, self.workers)

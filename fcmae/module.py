@@ -59,8 +59,3 @@ class PretrainModule(StepSchedule, L.LightningModule):
         # Per optimizer step (not per epoch), as in the paper.
         return {"optimizer": optimizer, "lr_scheduler": self.lr_schedule(optimizer, self.hparams.warmup_epochs,
                                                                          self.hparams.min_lr)}
-
-    def batches_per_epoch(self):
-        # Asked of the data, not of the trainer: that would build the train loader now, before a
-        # resume restores the step PretrainData continues the epoch from.
-        return self.trainer.datamodule.batches_per_epoch(self.trainer.world_size)

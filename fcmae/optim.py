@@ -66,8 +66,13 @@ class StepSchedule:
         return {"scheduler": cosine_schedule(optimizer, total, warmup, min_lr), "interval": "step"}
 
     def batches_per_epoch(self):
-        """Training batches per epoch on each rank (asking for the estimate loads the train loader)."""
-        self.trainer.estimated_stepping_batches
+        """Training batches per epoch on each rank. Asked of the datamodule when it can tell
+        (PretrainData, FinetuneData): the trainer's estimate would build the train loader now,
+        before a resume restores the step the loader continues the epoch from."""
+        data = self.trainer.datamodule
+        if hasattr(data, "batches_per_epoch"):
+            return data.batches_per_epoch(self.trainer.world_size)
+        self.trainer.estimated_stepping_batches  # loads the train loader
         return self.trainer.num_training_batches
 
     def lr_scheduler_step(self, scheduler, metric):

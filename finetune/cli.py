@@ -222,10 +222,10 @@ def train(cfg):
 
     summary = EpochSummary(output / "metrics.jsonl")
     trainer = runs.make_trainer(cfg, output, [ModelCheckpoint(output / "checkpoints", save_last=True, save_top_k=0),
-                                              summary], epochs=rv["epochs"], accumulate=rv["accumulate"])
+                                              summary], epochs=rv["epochs"], accumulate=rv["accumulate"],
+                                use_distributed_sampler=False)  # FinetuneData shards per rank (resumable)
     runs.fit(trainer, module, rv, ckpt_path,
-             train_dataloaders=data.loader(train_set, cfg.batch_size, cfg.workers, train=True),
-             val_dataloaders=data.loader(val_set, cfg.batch_size, cfg.workers, train=False))
+             datamodule=data.FinetuneData(train_set, val_set, cfg.batch_size, cfg.workers, cfg.seed))
 
     classifier = output / "classifier.safetensors"
     if trainer.is_global_zero:

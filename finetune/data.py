@@ -2,18 +2,21 @@
 layout), and the release's transforms built by timm. Images are converted as for pre-training
 (`fcmae.data.convert_image`); an unreadable file is skipped with a warning naming it (the next
 one stands in), and each item carries how many were skipped: (image, label, files skipped)."""
+import warnings
 from functools import partial
 from pathlib import Path
 
+import lightning as L
 import torch
 from PIL import Image
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, create_transform
 from timm.data import auto_augment
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from torchvision.datasets import VisionDataset
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
-from fcmae.data import load_image, read_or_skip
+from fcmae.data import load_image, read_or_skip, seeded
+from fcmae.datamodule import ResumableSampler, resume_position
 from fcmae.errors import UserError
 from fcmae.filelist import list_classes
 
@@ -120,10 +123,69 @@ def check_classes(train, val):
                         f"{', '.join(only) or 'order'}: both need the same class folders")
 
 
-def loader(dataset, batch_size, workers, train):
+def loader(dataset, batch_size, workers, train, sampler=None, generator=None):
     # Full batches in training: Mixup/CutMix pair samples within a batch and needs it even.
-    return DataLoader(dataset, batch_size=batch_size, shuffle=train, drop_last=train, num_workers=workers,
-                      pin_memory=torch.cuda.is_available(), persistent_workers=workers > 0)
+    return DataLoader(dataset, batch_size=batch_size, shuffle=train and sampler is None, sampler=sampler,
+                      drop_last=train, num_workers=workers, pin_memory=torch.cuda.is_available(),
+                      persistent_workers=workers > 0, generator=generator)
+
+
+class SeededItems(Dataset):
+    """Key `epoch * len(dataset) + index` -> dataset[index], its augmentation drawn from RNGs
+    seeded by (seed, key) (`fcmae.data.seeded`): the same crop, flip, RandAugment and erasing
+    for that image in that epoch in any process, so neither a resume nor the number of loader
+    workers changes them."""
+
+    def __init__(self, dataset, seed):
+        self.dataset, self.seed = dataset, seed
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, key):
+        with seeded(self.seed * 1_000_003 + key):
+            return self.dataset[key % len(self.dataset)]
+
+
+class FinetuneData(L.LightningDataModule):
+    """The fine-tuning loaders, sharded per rank here (the Trainer needs
+    use_distributed_sampler=False). Training: each rank's share of a permutation per (seed,
+    epoch) (`ResumableSampler`, as pre-training's) in full batches, items from `SeededItems`; a
+    resumed run starts where the interrupted one stopped, inside its epoch, and sees the batches
+    it would have seen. Validation: in order, each rank a share (padded to equal length)."""
+
+    def __init__(self, train, val, batch_size, workers, seed=0):
+        super().__init__()
+        self.train, self.val = train, val
+        self.batch_size, self.workers, self.seed = batch_size, workers, seed
+
+    def batches_per_epoch(self, world_size):
+        """Full training batches one rank gets per epoch (drop_last)."""
+        return len(self.train) // world_size // self.batch_size
+
+    def train_dataloader(self):
+        trainer = self.trainer
+        sampler = ResumableSampler(len(self.train), trainer.world_size, trainer.global_rank, self.seed)
+        epoch, batches_done = resume_position(trainer, self.batches_per_epoch(trainer.world_size))
+        sampler.set_epoch(epoch)
+        sampler.skip = batches_done * self.batch_size
+        # It resumes inside the epoch itself; Lightning cannot see that and would warn.
+        warnings.filterwarnings("ignore", message=".*resuming from a checkpoint that ended before the epoch ended")
+        return loader(SeededItems(self.train, self.seed), self.batch_size, self.workers, train=True,
+                      sampler=sampler, generator=self.generator())
+
+    def val_dataloader(self):
+        trainer = self.trainer
+        sampler = None
+        if trainer.world_size > 1:
+            sampler = DistributedSampler(self.val, trainer.world_size, trainer.global_rank, shuffle=False)
+        return loader(self.val, self.batch_size, self.workers, train=False, sampler=sampler, generator=self.generator())
+
+    def generator(self):
+        """A loader's own generator: each new iterator draws its workers' seed from it, not from
+        the global RNG whose state the checkpoint keeps (FinetuneModule). With persistent workers
+        a resumed run makes its iterators at other points than an uninterrupted one."""
+        return torch.Generator().manual_seed(self.seed)
 
 
 def stratified_split(labels, fraction, seed=0):

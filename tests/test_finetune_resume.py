@@ -16,14 +16,6 @@ def _one_thread(one_thread):
     """Runs every test here with one compute thread (tests/conftest.py)."""
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "fine-tuning resume is not exact: (1) --max-steps shortens the lr schedule (configure_optimizers "
-    "takes trainer.estimated_stepping_batches, which Lightning caps at max_steps), so the first N steps "
-    "already differ, and the resumed run restores timm's scheduler state (t_initial, warmup_t) from the "
-    "N-step run, so it trains at min_lr; (2) the data order and augmentations come from the global RNGs (DataLoader "
-    "shuffle=True, timm transforms), which Lightning does not checkpoint: the resumed process restarts "
-    "them from seed_everything(seed); (3) resuming from a checkpoint written at an epoch's last batch "
-    "runs an empty epoch, so the epoch count is one ahead of the straight run's"))
 def test_resume_matches_a_straight_run_on_weights(tmp_path):
     shapes = shapes_dataset(tmp_path / "shapes", per_class=(16, 2))  # 48 train images: 3 steps of 16 per epoch
     run = lambda out, steps: finetune("--data", str(shapes), "--output", str(tmp_path / out), *PLAIN,
@@ -38,3 +30,20 @@ def test_resume_matches_a_straight_run_on_weights(tmp_path):
     assert (a[key] - first[key]).abs().max() > 1e-4  # steps N+1..2N move the weights: the check can fail
     floats = [k for k in a if a[k].is_floating_point()]
     assert max((a[k] - b[k]).abs().max().item() for k in floats) <= 1e-6  # tolerance: float32 round-off
+
+
+def test_resume_inside_an_epoch_with_every_augmentation_and_two_workers(tmp_path):
+    """Stopped after 2 of an epoch's 3 steps, with RandAugment, random erasing, Mixup/CutMix and drop
+    path (Python, numpy and torch RNGs, in the loader workers and the training process)."""
+    shapes = shapes_dataset(tmp_path / "shapes", per_class=(16, 2))
+    full = ["--aa", "rand-m9-mstd0.5-inc1", "--reprob", "0.25", "--mixup", "0.8", "--cutmix", "1.0",
+            "--drop-path", "0.1", "--workers", "2"]
+    run = lambda out, steps: finetune("--data", str(shapes), "--output", str(tmp_path / out), *PLAIN, *full,
+                                      "--max-steps", str(steps))
+    straight = run("a", 5)
+    run("b", 2)
+    resumed = run("b", 5)
+    assert resumed["module"].trainer.global_step == 5
+    a, b = straight["module"].state_dict(), resumed["module"].state_dict()
+    assert max((a[k] - b[k]).abs().max().item() for k in a if a[k].is_floating_point()) <= 1e-6
+    assert resumed["history"][-1] == straight["history"][-1]  # epoch 1's validation, same epoch number
