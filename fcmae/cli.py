@@ -1,6 +1,6 @@
 """The `fcmae` command. Each subcommand lives in its own module exposing `build_parser()` (a
 jsonargparse parser) and `run(cfg)`; this file only assembles them and turns `UserError` into
-one line on stderr and exit code 2."""
+one line on stderr and exit code 2. A command's `run` may return an exit code (None: 0)."""
 import importlib
 import re
 import sys
@@ -15,6 +15,7 @@ COMMANDS = {
     "pretrain": ("fcmae.pretrain", "FCMAE self-supervised pre-training"),
     "finetune": ("fcmae.finetune.cli", "fine-tune (or linear-probe) a classifier"),
     "eval": ("fcmae.finetune.evaluate", "evaluate a classifier checkpoint"),
+    "predict": ("fcmae.predict", "predict the classes of images with a classifier (CSV)"),
     "export": ("fcmae.export", "export weights in the public dense layout"),
     "bench": ("fcmae.bench", "benchmark a pre-training step of each backend"),
     "shard": ("fcmae.shard", "write a data folder as WebDataset shards"),
@@ -98,4 +99,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
