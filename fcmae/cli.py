@@ -86,7 +86,7 @@ def main(argv=None):
         if argv and argv[0] in RECIPE_COMMANDS:
             argv = [argv[0]] + with_recipe(argv[0], argv[1:], modules[argv[0]].DEFAULT_MODEL)
         cfg = parser.parse_args(argv)
-        return modules[cfg.command].run(cfg[cfg.command])
+        code = modules[cfg.command].run(cfg[cfg.command])
     except ArgumentError as e:
         print(f"fcmae: error: {option_error(str(e), argv[0] if argv else '')}", file=sys.stderr)
         sys.exit(2)
@@ -96,7 +96,9 @@ def main(argv=None):
     except KeyboardInterrupt:
         print("fcmae: interrupted", file=sys.stderr)
         sys.exit(130)
+    if code:  # a command's own failure code, e.g. predict's 1: some files could not be read
+        sys.exit(code)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()
