@@ -21,6 +21,7 @@ Python, the same code:
 """
 import csv
 import io
+import math
 import os
 import sys
 from dataclasses import dataclass, field
@@ -125,15 +126,17 @@ class Classifier:
 
     @torch.no_grad()
     def predict(self, inputs, topk=5, batch_size=64, workers=0):
-        """inputs: a path, PIL image or (C, H, W) tensor, or a list of them. Paths are image files
+        """inputs: a path, PIL image or (C, H, W) tensor, or a list of them (or an (N, C, H, W)
+        tensor). Paths are image files
         or .npy arrays; a tensor is taken as an array (uint8 scaled to [0, 1], float as given, not
         normalized), a PIL image as an image file. Returns one `Prediction` per input, in order:
         `.top` = [(class name, probability), ...] of the `topk` most probable classes, best first;
         an input that cannot be read has `.error` set and no `.top` (nothing is raised for it)."""
-        single = isinstance(inputs, (str, os.PathLike, Image.Image, torch.Tensor))
-        items = [inputs] if single else list(inputs)
+        single = isinstance(inputs, (str, os.PathLike, Image.Image)) or (torch.is_tensor(inputs) and inputs.ndim != 4)
+        items = [inputs] if single else list(inputs)  # a (N, C, H, W) tensor: N inputs
         topk = max(1, min(topk, len(self.classes)))
         dataset = Inputs(items, self.transform, self.in_chans, self.input_size)
+        workers = min(workers, math.ceil(len(items) / batch_size))  # no idle processes for a few files
         loader = DataLoader(dataset, batch_size=batch_size, num_workers=workers,
                             pin_memory=self.device.type == "cuda")
         out = []

@@ -162,7 +162,7 @@ def test_classifier_api_takes_paths_pil_images_and_tensors(tmp_path):
     assert by_path.label == by_path.top[0][0] and by_path.top[0][1] >= by_path.top[1][1]
     # tensors are taken as arrays: uint8 scaled to [0, 1], the same as the float tensor / 255
     u8 = torch.from_numpy(np.array(img.convert("RGB"))).permute(2, 0, 1).contiguous()
-    a, b = clf.predict([u8, u8.float() / 255])
+    a, b = clf.predict(torch.stack([u8, u8]).float() / 255)[0], clf.predict([u8])[0]  # a batch, a list
     assert [n for n, _ in a.top] == [n for n, _ in b.top]
     assert a.top[0][1] == pytest.approx(b.top[0][1], abs=1e-6)
     bad = clf.predict(torch.zeros(4, 8, 8))  # one input: one Prediction
