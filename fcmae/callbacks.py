@@ -78,12 +78,18 @@ class SkippedFiles(Callback):
             os.environ[SKIPPED_FILES_ENV] = str(Path(self.path).absolute())
 
     def teardown(self, trainer, pl_module, stage):
+        if self.path is not None and trainer.is_global_zero and Path(self.path).is_file():
+            # Each process lists a file once; several processes may have met the same one.
+            lines = Path(self.path).read_text(errors="surrogateescape").splitlines()
+            unique = "".join(f"{line}\n" for line in dict.fromkeys(lines))
+            atomic_write(self.path, lambda tmp: tmp.write_text(unique, errors="surrogateescape"))
+        self.restore()
+
+    def on_exception(self, trainer, pl_module, exception):
+        self.restore()  # Lightning skips teardown when the run fails
+
+    def restore(self):
         if self.path is not None:
-            if trainer.is_global_zero and Path(self.path).is_file():
-                # Each process lists a file once; several processes may have met the same one.
-                lines = Path(self.path).read_text(errors="surrogateescape").splitlines()
-                unique = "".join(f"{line}\n" for line in dict.fromkeys(lines))
-                atomic_write(self.path, lambda tmp: tmp.write_text(unique, errors="surrogateescape"))
             if self.previous is None:
                 os.environ.pop(SKIPPED_FILES_ENV, None)
             else:

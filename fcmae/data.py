@@ -150,11 +150,14 @@ def note_skipped(e, what="file"):
     path = os.environ.get(SKIPPED_FILES_ENV)
     if path and str(e) not in _noted:
         _noted.add(str(e))
-        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         try:
-            os.write(fd, f"{e}\n".encode(errors="surrogateescape"))
-        finally:
-            os.close(fd)
+            fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+            try:
+                os.write(fd, f"{e}\n".encode(errors="surrogateescape"))
+            finally:
+                os.close(fd)
+        except OSError:  # e.g. a full disk: the list is a courtesy, not worth stopping the run for
+            pass
 
 
 # ----------------------------------------------------------------------------- sources

@@ -2,12 +2,13 @@
 Pillow's decompression-bomb limit is skipped and named like any unreadable file (pre-training,
 fine-tuning, predict); skipped files are listed in OUTPUT/skipped_files.txt whatever the warnings
 filter; `--output` naming an existing file is one line."""
+import os
 import struct
 import zlib
 
 import pytest
 
-from fcmae.data import BadFile, load_image
+from fcmae.data import SKIPPED_FILES_ENV, BadFile, load_image
 from fcmae.finetune import data as ft_data
 
 from .conftest import FINETUNE, PRETRAIN, error_line, labeled_folder, run_command, write_images
@@ -66,6 +67,7 @@ def test_finetuning_skips_a_bomb_and_lists_it(tmp_path, fcmae):
     code, err = fcmae("finetune", *FINETUNE, "--data", root, "--epochs", "1", "--output", tmp_path / "run")
     assert code == 0, err
     assert "001_bomb.png (DecompressionBombError" in (tmp_path / "run" / "skipped_files.txt").read_text()
+    assert SKIPPED_FILES_ENV not in os.environ  # set for the run only
 
 
 def test_predict_gives_a_bomb_an_error_row(tmp_path, fcmae):
