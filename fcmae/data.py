@@ -20,9 +20,10 @@ file named by the environment variable FCMAE_SKIPPED_FILES (a training run sets 
 OUTPUT/skipped_files.txt), so they are not lost when warnings are filtered out. With `strict` the
 first bad file is an error instead.
 
+Very large JPEGs are decoded at a reduced scale (`DRAFT_SIDE`); other formats at full size.
 Pillow refuses images of more than 2 x Image.MAX_IMAGE_PIXELS pixels (about 179 megapixels) as
-decompression bombs: they are bad files here. FCMAE_MAX_IMAGE_PIXELS=N raises the limit (every
-pixel is decoded: a 300-megapixel RGB image takes 900 MB in each loader process).
+decompression bombs: they are bad files here. FCMAE_MAX_IMAGE_PIXELS=N raises the limit (a
+300-megapixel RGB PNG takes 900 MB in each loader process).
 
 Every sample is addressed by a key `epoch * len(source) + index`, and its augmentation and mask
 are drawn from a generator seeded by (seed, key), so a resumed run can see exactly the views and
@@ -60,6 +61,11 @@ if os.environ.get("FCMAE_MAX_IMAGE_PIXELS"):
 # errors (between 1x and 2x MAX_IMAGE_PIXELS), the bomb error always above 2x.
 PIL_ERRORS = (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError, Image.DecompressionBombWarning)
 SKIPPED_FILES_ENV = "FCMAE_SKIPPED_FILES"
+# A JPEG with a shorter side of 2 x DRAFT_SIDE pixels or more is decoded at 1/2, 1/4 or 1/8 scale
+# by the JPEG decoder itself (Image.draft): the largest reduction that keeps DRAFT_SIDE on both
+# sides. A 100-megapixel photo takes 75 MB or less instead of 300 MB, and crops of it resized to
+# training sizes lose nothing.
+DRAFT_SIDE = 2048
 
 
 # ----------------------------------------------------------------------------- reading files
@@ -87,10 +93,12 @@ def convert_image(img, mode="RGB"):
 
 
 def load_image(path, mode="RGB", name=None):
-    """Read and decode one image file (a path or a file object) fully, or raise BadFile naming
-    it (`name`, default the path)."""
+    """Read and decode one image file (a path or a file object) fully (a very large JPEG at a
+    reduced scale: DRAFT_SIDE), or raise BadFile naming it (`name`, default the path)."""
     try:
         with Image.open(path) as img:
+            if img.format == "JPEG" and min(img.size) >= 2 * DRAFT_SIDE:
+                img.draft(img.mode, (DRAFT_SIDE, DRAFT_SIDE))
             img.load()  # decode now: a truncated or corrupt file fails here, not in a transform
             return convert_image(img, mode)
     except PIL_ERRORS as e:
@@ -103,7 +111,7 @@ def read_image(data, mode="RGB", name="image"):
     copy after it), else a PIL image converted as `load_image` does. BadFile names it."""
     try:
         with Image.open(io.BytesIO(data)) as img:  # reads the header only
-            fast = img.format == "JPEG" and img.mode == mode
+            fast = img.format == "JPEG" and img.mode == mode and min(img.size) < 2 * DRAFT_SIDE
     except PIL_ERRORS as e:
         raise BadFile(f"{name} ({reason(e)})") from e
     if not fast:

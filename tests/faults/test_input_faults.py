@@ -99,3 +99,31 @@ def test_output_naming_an_existing_file_is_one_line(tmp_path, fcmae, command):
     assert error_line(err) == (f"fcmae: error: --output {tmp_path / 'taken'} is a file, not a folder: pass a run "
                                f"directory (new or existing)")
     assert (tmp_path / "taken").read_text() == "someone's file"
+
+
+def test_a_very_large_jpeg_is_decoded_reduced(tmp_path, monkeypatch):
+    """Scaled down: with DRAFT_SIDE 64, a 300 x 260 JPEG (shorter side over 2 x 64) decodes at
+    1/4 scale (75 x 65: the largest reduction keeping 64), as a 12000 x 10400 photo would with
+    2048 (3000 x 2600); a 120 px one (under 2 x 64) at full size. Both loaders: Pillow's (load_image) and the bytes one
+    (read_image, otherwise torchvision's JPEG decoder)."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    import fcmae.data as fdata
+    monkeypatch.setattr(fdata, "DRAFT_SIDE", 64)
+    rng = np.random.default_rng(0)
+    for (w, h), expected in (((300, 260), (75, 65)), ((120, 300), (120, 300))):
+        path = tmp_path / f"{w}x{h}.jpg"
+        yy, xx = np.mgrid[:h, :w]  # smooth content, as photos have, plus a little noise
+        smooth = np.stack([xx * 255 / w, yy * 255 / h, (xx + yy) * 127 / (w + h)], -1) + rng.normal(0, 4, (h, w, 3))
+        Image.fromarray(smooth.clip(0, 255).astype(np.uint8)).save(path, quality=90)
+        assert fdata.load_image(path).size == expected
+        decoded = fdata.read_image(path.read_bytes(), "RGB", path)
+        size = decoded.size if isinstance(decoded, Image.Image) else (decoded.shape[2], decoded.shape[1])
+        assert size == expected
+    # the reduced decode is a faithful downscale: close to Pillow's full decode resized
+    full = Image.open(tmp_path / "300x260.jpg").convert("RGB").resize((75, 65), Image.BOX)
+    reduced = fdata.load_image(tmp_path / "300x260.jpg")
+    assert np.abs(np.asarray(full, float) - np.asarray(reduced, float)).mean() < 3
