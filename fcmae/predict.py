@@ -35,7 +35,7 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
 from fcmae.checkpoints import read_weights
-from fcmae.data import ARRAY_EXTENSIONS, BadFile, load_image, read_array
+from fcmae.data import ARRAY_EXTENSIONS, BadFile, convert_image, load_image, read_array
 from fcmae.encoders import ConvNeXtV2
 from fcmae.errors import UserError
 from fcmae.files import write_atomic
@@ -81,7 +81,7 @@ class Inputs(Dataset):
             item.load()
             if self.in_chans not in STATS:
                 raise BadFile(f"a PIL image, but the classifier takes {self.in_chans}-channel arrays")
-            return item.convert("RGB" if self.in_chans == 3 else "L")
+            return convert_image(item, "RGB" if self.in_chans == 3 else "L")  # as image files are
         path = Path(item)
         if path.suffix.lower() in ARRAY_EXTENSIONS:
             return read_array(path, self.in_chans)
