@@ -1,6 +1,7 @@
 """Trainer add-ons for pre-training: crash-safe checkpoint files, last.ckpt upkeep, images/s,
 counts of unreadable files skipped, and reconstruction grids (original / masked input /
 reconstruction)."""
+import os
 import time
 from pathlib import Path
 
@@ -9,7 +10,8 @@ from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.callbacks import Callback
 from torchvision.utils import make_grid, save_image
 
-from fcmae.checkpoints import load, save_torch
+from fcmae.checkpoints import atomic_write, load, save_torch
+from fcmae.data import SKIPPED_FILES_ENV
 from fcmae.masking import PATCH_SIZE, patchify, unpatchify
 
 
@@ -62,10 +64,36 @@ class LastCheckpoint(Callback):
 class SkippedFiles(Callback):
     """Sums the files skipped as unreadable over each training epoch: logs `data/skipped` and,
     when there were any, prints a line. The count is the last element of every batch (it was
-    counted in whichever process loaded the sample; the warnings there name the files)."""
+    counted in whichever process loaded the sample). `path`: where the loaders list the skipped
+    files by name, whatever the warnings filter (fcmae.data.note_skipped; the environment variable
+    reaches loader workers and other ranks of this node as they start)."""
 
-    def __init__(self):
-        self.count = 0
+    def __init__(self, path=None):
+        self.count, self.path, self.previous = 0, path, None
+
+    def setup(self, trainer, pl_module, stage):
+        if self.path is not None:
+            Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+            self.previous = os.environ.get(SKIPPED_FILES_ENV)
+            os.environ[SKIPPED_FILES_ENV] = str(Path(self.path).absolute())
+
+    def teardown(self, trainer, pl_module, stage):
+        if self.path is not None and trainer.is_global_zero and Path(self.path).is_file():
+            # Each process lists a file once; several processes may have met the same one.
+            lines = Path(self.path).read_text(errors="surrogateescape").splitlines()
+            unique = "".join(f"{line}\n" for line in dict.fromkeys(lines))
+            atomic_write(self.path, lambda tmp: tmp.write_text(unique, errors="surrogateescape"))
+        self.restore()
+
+    def on_exception(self, trainer, pl_module, exception):
+        self.restore()  # Lightning skips teardown when the run fails
+
+    def restore(self):
+        if self.path is not None:
+            if self.previous is None:
+                os.environ.pop(SKIPPED_FILES_ENV, None)
+            else:
+                os.environ[SKIPPED_FILES_ENV] = self.previous
 
     def on_train_epoch_start(self, trainer, pl_module):
         self.count = 0
@@ -78,8 +106,9 @@ class SkippedFiles(Callback):
         total = int(trainer.strategy.reduce(count, reduce_op="sum"))  # over all ranks
         pl_module.log("data/skipped", float(total))
         if total:
-            pl_module.print(f"epoch {trainer.current_epoch}: skipped {total} unreadable files (named in the "
-                            f"warnings above); --strict-data makes a bad file fatal")
+            where = f"listed in {self.path}" if self.path is not None else "named in the warnings above"
+            pl_module.print(f"epoch {trainer.current_epoch}: skipped {total} unreadable files ({where}); "
+                            f"--strict-data makes a bad file fatal")
 
 
 # ----------------------------------------------------------------------------- throughput

@@ -1,6 +1,6 @@
 """The `fcmae` command. Each subcommand lives in its own module exposing `build_parser()` (a
 jsonargparse parser) and `run(cfg)`; this file only assembles them and turns `UserError` into
-one line on stderr and exit code 2."""
+one line on stderr and exit code 2. A command's `run` may return an exit code (None: 0)."""
 import importlib
 import re
 import sys
@@ -15,6 +15,7 @@ COMMANDS = {
     "pretrain": ("fcmae.pretrain", "FCMAE self-supervised pre-training"),
     "finetune": ("fcmae.finetune.cli", "fine-tune (or linear-probe) a classifier"),
     "eval": ("fcmae.finetune.evaluate", "evaluate a classifier checkpoint"),
+    "predict": ("fcmae.predict", "predict the classes of images with a classifier (CSV)"),
     "export": ("fcmae.export", "export weights in the public dense layout"),
     "bench": ("fcmae.bench", "benchmark a pre-training step of each backend"),
     "shard": ("fcmae.shard", "write a data folder as WebDataset shards"),
@@ -85,7 +86,7 @@ def main(argv=None):
         if argv and argv[0] in RECIPE_COMMANDS:
             argv = [argv[0]] + with_recipe(argv[0], argv[1:], modules[argv[0]].DEFAULT_MODEL)
         cfg = parser.parse_args(argv)
-        return modules[cfg.command].run(cfg[cfg.command])
+        code = modules[cfg.command].run(cfg[cfg.command])
     except ArgumentError as e:
         print(f"fcmae: error: {option_error(str(e), argv[0] if argv else '')}", file=sys.stderr)
         sys.exit(2)
@@ -95,6 +96,8 @@ def main(argv=None):
     except KeyboardInterrupt:
         print("fcmae: interrupted", file=sys.stderr)
         sys.exit(130)
+    if code:  # a command's own failure code, e.g. predict's 1: some files could not be read
+        sys.exit(code)
 
 
 if __name__ == "__main__":

@@ -12,10 +12,18 @@ or `.npy` arrays (C, H, W) for any channel count: float arrays are used as store
 your bands beforehand), uint8 arrays are scaled to [0, 1]. More than 3 channels needs `.npy`.
 Grayscale, RGBA, palette, CMYK and 16-bit images are converted (`convert_image`).
 
-A file that cannot be read (corrupt, truncated, not an image, unreadable) is skipped with a
-warning naming it: the next file stands in for it (`read_or_skip`), and every sample carries how
-many files it skipped, so the training loop can count them per epoch (`SkippedFiles`), whichever
-process loaded them. With `strict` the first bad file is an error instead.
+A file that cannot be read (corrupt, truncated, not an image, unreadable, over Pillow's
+decompression-bomb limit) is skipped with a warning naming it: the next file stands in for it
+(`read_or_skip`), and every sample carries how many files it skipped, so the training loop can
+count them per epoch (`SkippedFiles`), whichever process loaded them. The names also go to the
+file named by the environment variable FCMAE_SKIPPED_FILES (a training run sets it to
+OUTPUT/skipped_files.txt), so they are not lost when warnings are filtered out. With `strict` the
+first bad file is an error instead.
+
+Very large JPEGs are decoded at a reduced scale (`DRAFT_SIDE`); other formats at full size.
+Pillow refuses images of more than 2 x Image.MAX_IMAGE_PIXELS pixels (about 179 megapixels) as
+decompression bombs: they are bad files here. FCMAE_MAX_IMAGE_PIXELS=N raises the limit (a
+300-megapixel RGB PNG takes 900 MB in each loader process).
 
 Every sample is addressed by a key `epoch * len(source) + index`, and its augmentation and mask
 are drawn from a generator seeded by (seed, key), so a resumed run can see exactly the views and
@@ -23,7 +31,9 @@ masks the interrupted run would have seen (fcmae/datamodule.py serves them in th
 """
 import io
 import math
+import os
 import random
+import re
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
@@ -47,6 +57,17 @@ MAX_SKIP = 100  # this many unreadable files in a row is not a stray bad file bu
 # A truncated file is a bad file: skipped (or fatal with strict), never half an image padded with
 # gray. Pillow's default, set here explicitly because any imported library may flip it globally.
 ImageFile.LOAD_TRUNCATED_IMAGES = False
+if os.environ.get("FCMAE_MAX_IMAGE_PIXELS"):
+    Image.MAX_IMAGE_PIXELS = int(os.environ["FCMAE_MAX_IMAGE_PIXELS"])
+# What Pillow raises for a file it cannot read; the bomb warning is raised too when warnings are
+# errors (between 1x and 2x MAX_IMAGE_PIXELS), the bomb error always above 2x.
+PIL_ERRORS = (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError, Image.DecompressionBombWarning)
+SKIPPED_FILES_ENV = "FCMAE_SKIPPED_FILES"
+# A JPEG with a shorter side of 2 x DRAFT_SIDE pixels or more is decoded at 1/2, 1/4 or 1/8 scale
+# by the JPEG decoder itself (Image.draft): the largest reduction that keeps DRAFT_SIDE on both
+# sides. A 100-megapixel photo takes 75 MB or less instead of 300 MB, and crops of it resized to
+# training sizes lose nothing.
+DRAFT_SIDE = 2048
 
 
 # ----------------------------------------------------------------------------- reading files
@@ -74,13 +95,15 @@ def convert_image(img, mode="RGB"):
 
 
 def load_image(path, mode="RGB", name=None):
-    """Read and decode one image file (a path or a file object) fully, or raise BadFile naming
-    it (`name`, default the path)."""
+    """Read and decode one image file (a path or a file object) fully (a very large JPEG at a
+    reduced scale: DRAFT_SIDE), or raise BadFile naming it (`name`, default the path)."""
     try:
         with Image.open(path) as img:
+            if img.format == "JPEG" and min(img.size) >= 2 * DRAFT_SIDE:
+                img.draft(img.mode, (DRAFT_SIDE, DRAFT_SIDE))
             img.load()  # decode now: a truncated or corrupt file fails here, not in a transform
             return convert_image(img, mode)
-    except (OSError, ValueError, SyntaxError, EOFError) as e:  # what Pillow raises for bad files
+    except PIL_ERRORS as e:
         raise BadFile(f"{name or path} ({reason(e)})") from e
 
 
@@ -90,8 +113,8 @@ def read_image(data, mode="RGB", name="image"):
     copy after it), else a PIL image converted as `load_image` does. BadFile names it."""
     try:
         with Image.open(io.BytesIO(data)) as img:  # reads the header only
-            fast = img.format == "JPEG" and img.mode == mode
-    except (OSError, ValueError, SyntaxError, EOFError) as e:
+            fast = img.format == "JPEG" and img.mode == mode and min(img.size) < 2 * DRAFT_SIDE
+    except PIL_ERRORS as e:
         raise BadFile(f"{name} ({reason(e)})") from e
     if not fast:
         return load_image(io.BytesIO(data), mode, name)
@@ -103,7 +126,9 @@ def read_image(data, mode="RGB", name="image"):
 
 
 def reason(e):
-    return f"{type(e).__name__}: {str(e).splitlines()[0][:120]}" if str(e) else type(e).__name__
+    # Without object addresses ("<_io.BytesIO object at 0x7f...>"): the same file, the same words.
+    text = re.sub(r" at 0x[0-9a-f]+>", ">", str(e).splitlines()[0][:160]) if str(e) else ""
+    return f"{type(e).__name__}: {text[:120]}" if text else type(e).__name__
 
 
 def read_or_skip(read, index, size, path_of, strict=False):
@@ -118,10 +143,31 @@ def read_or_skip(read, index, size, path_of, strict=False):
             if strict:
                 raise UserError(f"unreadable file {e}: fix or remove it, or drop --strict-data to skip "
                                 f"bad files with a warning") from None
-            # Once per file and process: Python's warning registry drops repeats of a message.
-            warnings.warn(f"skipping unreadable file {e}", BadFileWarning, stacklevel=2)
+            note_skipped(e)
     raise UserError(f"{min(size, MAX_SKIP)} files in a row from {path_of(index)} cannot be read: "
                     f"check the data folder (the warnings name them)")
+
+
+_noted = set()  # files this process has written to the skipped-files list
+
+
+def note_skipped(e, what="file"):
+    """Name a skipped file (BadFile `e`): a warning, and a line in the file FCMAE_SKIPPED_FILES
+    names, if set. Once per file and process (Python's warning registry drops repeats of a message
+    too). Appending a short line with O_APPEND is one write: lines of several loader processes do
+    not interleave."""
+    warnings.warn(f"skipping unreadable {what} {e}", BadFileWarning, stacklevel=3)
+    path = os.environ.get(SKIPPED_FILES_ENV)
+    if path and str(e) not in _noted:
+        _noted.add(str(e))
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+            try:
+                os.write(fd, f"{e}\n".encode(errors="surrogateescape"))
+            finally:
+                os.close(fd)
+        except OSError:  # e.g. a full disk: the list is a courtesy, not worth stopping the run for
+            pass
 
 
 # ----------------------------------------------------------------------------- sources

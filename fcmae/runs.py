@@ -132,13 +132,14 @@ def world_size(cfg):
 
 def make_trainer(cfg, output, callbacks, epochs, accumulate, **kwargs):
     """The run's Trainer: the hardware flags, crash-safe checkpoint files, TensorBoard under
-    <output>/tensorboard, SkippedFiles (our data loaders end every batch with a skip count),
+    <output>/tensorboard, SkippedFiles (our data loaders end every batch with a skip count; the
+    files are listed in <output>/skipped_files.txt),
     `epochs` and `accumulate` as the command resolved them; `kwargs` go to L.Trainer."""
     return hardware_trainer(
         cfg, precision=make_precision(cfg.precision), max_epochs=epochs, max_steps=cfg.max_steps,
         accumulate_grad_batches=accumulate,
         logger=TensorBoardLogger(output, name="tensorboard", version="", default_hp_metric=False),
-        callbacks=[SkippedFiles(), *callbacks], plugins=[AtomicCheckpointIO()], log_every_n_steps=cfg.log_every,
+        callbacks=[SkippedFiles(Path(output) / "skipped_files.txt"), *callbacks], plugins=[AtomicCheckpointIO()], log_every_n_steps=cfg.log_every,
         default_root_dir=output, **kwargs)
 
 
@@ -162,6 +163,7 @@ def resume_checkpoint(command, cfg, output, expected):
     `expected` maps hyperparameter names to this run's values: a checkpoint that disagrees is
     refused.
     """
+    check_output(output)
     if cfg.no_resume:
         return None
     if cfg.resume != "auto":
@@ -178,6 +180,12 @@ def resume_checkpoint(command, cfg, output, expected):
             raise UserError(f"{path} was trained with {key}={saved[key]}, this run asks for {value}: "
                             f"use another --output, or --no-resume to start over")
     return str(path)
+
+
+def check_output(output):
+    """The run directory may exist (a resumed run), but must not be a file."""
+    if Path(output).exists() and not Path(output).is_dir():
+        raise UserError(f"--output {output} is a file, not a folder: pass a run directory (new or existing)")
 
 
 def print_config(resolved):

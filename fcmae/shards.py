@@ -47,8 +47,8 @@ from webdataset.gopen import gopen
 from webdataset.tariterators import base_plus_ext, tar_file_iterator
 from webdataset.writer import TarWriter
 
-from fcmae.data import (ARRAY_EXTENSIONS, MAX_SKIP, BadFile, BadFileWarning, augment, read_array, read_image,
-                        reason)
+from fcmae.data import (ARRAY_EXTENSIONS, MAX_SKIP, BadFile, BadFileWarning, augment, note_skipped, read_array,
+                        read_image, reason)
 from fcmae.errors import UserError
 from fcmae.files import atomic_write, write_atomic
 from fcmae.masking import PATCH_SIZE
@@ -371,7 +371,7 @@ class ShardViews(IterableDataset):
                     raise UserError(f"{in_row} samples in a row cannot be read, the last {e}: check --data "
                                     f"(the warnings name them)") from None
                 if good >= skip:  # the interrupted run counted those before the resume point
-                    warnings.warn(f"skipping unreadable sample {e}", BadFileWarning, stacklevel=2)
+                    note_skipped(e, "sample")
                     skipped += 1
                 continue
             in_row = 0

@@ -46,7 +46,7 @@ def build_parser():
                         "a release pre-training checkpoint, or a dense public-layout checkpoint; none: from scratch")
     g.add_argument("--linear-probe", action="store_true",
                    help="train only a linear head (after BatchNorm) on the frozen encoder; uses the probe.* values")
-    g.add_argument("--in-chans", type=int, default=3, help="3 = RGB, 1 = grayscale")
+    g.add_argument("--in-chans", type=int, default=3, help="3 = RGB, 1 = grayscale, any count for .npy arrays")
     g.add_argument("--input-size", type=int, default=224, help="crop side in pixels, a multiple of 32")
     g.add_argument("--drop-path", type=float, default=0.1, help="stochastic depth rate")
     g = p.add_argument_group("data and augmentation")
@@ -111,7 +111,7 @@ def check(cfg):
         depths, _ = size_config(cfg.model)
     except (ValueError, KeyError, TypeError) as e:
         raise UserError(f"--model: {e}") from None
-    data.check_in_chans(cfg.in_chans)
+    data.check_in_chans(cfg.in_chans, cfg.data)
     if cfg.input_size % 32:
         raise UserError(f"--input-size {cfg.input_size} is not a multiple of 32: pass e.g. 224")
     if cfg.pretrained and not Path(cfg.pretrained).is_file():

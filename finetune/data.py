@@ -1,7 +1,14 @@
 """Labeled data: an ImageFolder root with train/ and val/ (one folder per class, ImageNet's
 layout), and the release's transforms built by timm. Images are converted as for pre-training
 (`fcmae.data.convert_image`); an unreadable file is skipped with a warning naming it (the next
-one stands in), and each item carries how many were skipped: (image, label, files skipped)."""
+one stands in), and each item carries how many were skipped: (image, label, files skipped).
+
+Class folders may hold `.npy` arrays (C, H, W) instead of images, for any channel count, read as
+in pre-training (`fcmae.data.read_array`: uint8 scaled to [0, 1], float as stored, no
+normalization). The transforms take both: a PIL image goes through timm's (normalized), a tensor
+through the same geometry on tensors (crop, flip, random erasing; RandAugment is for RGB images
+only)."""
+import os
 import warnings
 from functools import partial
 from pathlib import Path
@@ -14,8 +21,9 @@ from timm.data import auto_augment
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from torchvision.datasets import VisionDataset
 from torchvision.datasets.folder import IMG_EXTENSIONS
+from torchvision.transforms import InterpolationMode, v2
 
-from fcmae.data import load_image, read_or_skip, seeded
+from fcmae.data import ARRAY_EXTENSIONS, BadFile, load_image, read_array, read_or_skip, seeded
 from fcmae.datamodule import ResumableSampler, resume_position
 from fcmae.errors import UserError
 from fcmae.filelist import list_classes
@@ -25,14 +33,57 @@ STATS = {3: (IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD),
          1: ((sum(IMAGENET_DEFAULT_MEAN) / 3,), (sum(IMAGENET_DEFAULT_STD) / 3,))}
 
 
-def check_in_chans(in_chans):
-    if in_chans not in STATS:
-        raise UserError(f"--in-chans {in_chans}: image folders give 3 (RGB) or 1 (grayscale) channels: pass 3 or 1")
+def check_in_chans(in_chans, data=None):
+    """Images give 3 or 1 channels; any other count needs .npy arrays (looked for in `data`, cheaply:
+    the first file of its first class folder)."""
+    if in_chans < 1:
+        raise UserError(f"--in-chans {in_chans}: must be at least 1")
+    if in_chans not in STATS and not (data and holds_arrays(data)):
+        raise UserError(f"--in-chans {in_chans}: image folders give 3 (RGB) or 1 (grayscale) channels: pass 3 or 1, "
+                        f"or use class folders of .npy arrays ({in_chans}, H, W)")
+
+
+def holds_arrays(data):
+    """Whether the first file of the first class folder of DATA/train (or DATA/val, or DATA) is .npy."""
+    root = Path(data)
+    for folder in (root / "train", root / "val", root):
+        if folder.is_dir():
+            classes = sorted(e.path for e in os.scandir(folder) if e.is_dir())
+            if classes:
+                files = sorted(e.name for e in os.scandir(classes[0]) if not e.is_dir())
+                return bool(files) and Path(files[0]).suffix.lower() in ARRAY_EXTENSIONS
+    return False
+
+
+class ImageOrArray:
+    """One transform for both kinds of sample: a tensor (an array) goes through `array`, anything
+    else (a PIL image) through `image`. `image_only`: what `image` does that `array` leaves out."""
+
+    def __init__(self, image, array, image_only=None):
+        self.image, self.array, self.image_only = image, array, image_only
+
+    def __call__(self, x):
+        return self.array(x) if isinstance(x, torch.Tensor) else self.image(x)
+
+    @property
+    def transforms(self):
+        """The image pipeline's steps (timm's Compose)."""
+        return self.image.transforms
+
+    def __repr__(self):
+        return f"ImageOrArray(image={self.image}, array={self.array})"
 
 
 def train_transform(input_size, in_chans=3, aa="rand-m9-mstd0.5-inc1", reprob=0.25):
     """RandomResizedCrop + flip + RandAugment + random erasing, bicubic (the release's recipe);
-    aa None and reprob 0 leave crop + flip (MAE's linear-probe augmentation)."""
+    aa None and reprob 0 leave crop + flip (MAE's linear-probe augmentation). Arrays (tensors):
+    the same crop, flip and erasing, without RandAugment (its operations are defined on RGB images)."""
+    arrays = v2.Compose([
+        v2.RandomResizedCrop(input_size, interpolation=InterpolationMode.BICUBIC, antialias=True),
+        v2.RandomHorizontalFlip(),
+        v2.RandomErasing(p=reprob, value="random")])  # timm's re_mode="pixel": per-pixel normal noise
+    if in_chans not in STATS:
+        return ImageOrArray(None, arrays, f"--aa {aa}" if aa else None)
     mean, std = STATS[in_chans]
     transform = create_transform(input_size, is_training=True, color_jitter=None, auto_augment=aa or None,
                                  interpolation="bicubic", re_prob=reprob, re_mode="pixel", re_count=1,
@@ -41,7 +92,7 @@ def train_transform(input_size, in_chans=3, aa="rand-m9-mstd0.5-inc1", reprob=0.
         for op in getattr(t, "ops", ()):  # timm's RandAugment
             if op.aug_fn is timm_posterize:
                 op.aug_fn = posterize
-    return transform
+    return ImageOrArray(transform, arrays, f"--aa {aa}" if aa else None)
 
 
 timm_posterize = auto_augment.posterize
@@ -57,13 +108,21 @@ def posterize(img, bits_to_keep, **kwargs):
 
 def eval_transform(input_size, in_chans=3, crop_pct=None):
     """Resize to input_size / crop_pct and center-crop (crop_pct 224/256 below 384 px); from 384
-    px up the release resizes straight to input_size, without cropping."""
-    mean, std = STATS[in_chans]
+    px up the release resizes straight to input_size, without cropping. Arrays (tensors): the same
+    resize and crop on the tensor, no normalization."""
     if crop_pct is None:
         crop_pct = 224 / 256 if input_size < 384 else 1.0
     crop_mode = "squash" if crop_pct == 1.0 else "center"
-    return create_transform(input_size, is_training=False, interpolation="bicubic", crop_pct=crop_pct,
-                            crop_mode=crop_mode, mean=mean, std=std)
+    bicubic = dict(interpolation=InterpolationMode.BICUBIC, antialias=True)
+    if crop_mode == "squash":
+        arrays = v2.Resize((input_size, input_size), **bicubic)
+    else:  # timm's: the shorter side to floor(input_size / crop_pct), then the center crop
+        arrays = v2.Compose([v2.Resize(int(input_size / crop_pct), **bicubic), v2.CenterCrop(input_size)])
+    if in_chans not in STATS:
+        return ImageOrArray(None, arrays)
+    mean, std = STATS[in_chans]
+    return ImageOrArray(create_transform(input_size, is_training=False, interpolation="bicubic", crop_pct=crop_pct,
+                                         crop_mode=crop_mode, mean=mean, std=std), arrays)
 
 
 class SkippingImageFolder(VisionDataset):
@@ -71,15 +130,33 @@ class SkippingImageFolder(VisionDataset):
     `class_to_idx`, `targets`) with items (image, label, files skipped): a file the loader cannot
     read (`BadFile`) is replaced by the next one, or with `strict` is a one-line error. The file
     list is flat (`paths`, a PathList; `targets` a numpy array), so forked loader workers share
-    it instead of copying it page by page. `cache`: a folder to keep the listing in."""
+    it instead of copying it page by page. `cache`: a folder to keep the listing in.
+
+    Class folders of `.npy` arrays (C, H, W) instead of images (`arrays`): float tensors as
+    pre-training reads them; an array with another channel count than `in_chans` is a bad file
+    (the first one is checked up front: a one-line error)."""
 
     def __init__(self, root, transform, in_chans=3, strict=False, cache=None):
         super().__init__(root, transform=transform)
-        self.paths = list_classes(self.root, IMG_EXTENSIONS, cache)
+        self.paths = list_classes(self.root, IMG_EXTENSIONS + ARRAY_EXTENSIONS, cache)
         self.classes = self.paths.classes
         self.class_to_idx = {name: i for i, name in enumerate(self.classes)}
         self.targets = self.paths.labels
-        self.loader = partial(load_image, mode="RGB" if in_chans == 3 else "L")  # picklable for workers
+        is_array = self.paths.has_suffix(ARRAY_EXTENSIONS[0])
+        if is_array.any() and not is_array.all():
+            raise UserError(f"{root} mixes images and .npy arrays: keep one kind per data folder")
+        self.arrays = bool(is_array.all())
+        if self.arrays:
+            self.loader = partial(read_array, in_chans=in_chans)  # picklable for workers
+            check_channels(self.paths[0], in_chans)
+            if getattr(transform, "image_only", None):
+                print(f"note: {transform.image_only} applies to RGB images only: the .npy arrays of {root} get "
+                      f"crop, flip and random erasing without it")
+        elif in_chans not in STATS:
+            raise UserError(f"--in-chans {in_chans} needs .npy arrays (C, H, W), but {root} holds images: pass "
+                            f"--in-chans 3 (RGB) or 1 (grayscale), or convert them")
+        else:
+            self.loader = partial(load_image, mode="RGB" if in_chans == 3 else "L")
         self.strict = strict
 
     def __len__(self):
@@ -94,6 +171,16 @@ class SkippingImageFolder(VisionDataset):
     def __getitem__(self, index):
         (image, label), skipped = read_or_skip(self.read, index, len(self), self.paths.__getitem__, self.strict)
         return image, label, skipped
+
+
+def check_channels(path, in_chans):
+    """The first array of a folder against --in-chans: a one-line error (as pre-training's)."""
+    try:
+        c = read_array(path).shape[0]
+    except BadFile as e:
+        raise UserError(f"unreadable array {e}") from None
+    if c != in_chans:
+        raise UserError(f"{path} has {c} channels but --in-chans is {in_chans}: pass --in-chans {c}")
 
 
 def image_folder(root, split, transform, in_chans=3, strict=False, cache=None):

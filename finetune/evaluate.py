@@ -45,7 +45,7 @@ def evaluate(cfg):
     if not num_classes:
         raise UserError(f"{cfg.checkpoint} has no classifier head (a pre-trained encoder?): fine-tune it first "
                         f"with `fcmae finetune --pretrained {cfg.checkpoint}`")
-    data.check_in_chans(in_chans)
+    data.check_in_chans(in_chans, cfg.data)
     input_size = cfg.input_size or weights.meta.get("input_size") or 224
     crop_pct = cfg.crop_pct if cfg.crop_pct is not None else weights.meta.get("crop_pct")
     val = data.image_folder(cfg.data, "val", data.eval_transform(input_size, in_chans, crop_pct), in_chans)
