@@ -15,6 +15,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from fcmae.data import MaskedViews, find_source, normalization, pretrain_transform
 from fcmae.errors import UserError
 from fcmae.masking import PATCH_SIZE, check_mask_ratio
+from fcmae.preemption import worker_init
 from fcmae.shards import EpochLoader, is_shards, need_shards, open_shards
 
 
@@ -104,7 +105,7 @@ class PretrainData(L.LightningDataModule):
         self.sampler.skip = batches_done * self.batch_size
         return DataLoader(CountingViews(self.dataset), batch_size=self.batch_size, sampler=self.sampler, drop_last=True,
                           num_workers=self.workers, pin_memory=self.pin_memory,
-                          persistent_workers=self.workers > 0)
+                          persistent_workers=self.workers > 0, worker_init_fn=worker_init)
 
     def position(self, trainer):
         """(epoch, batches of it already trained on) for the loader Lightning builds once at the
@@ -127,7 +128,7 @@ class PretrainData(L.LightningDataModule):
         self.dataset.place(trainer.global_rank, trainer.world_size)
         return EpochLoader(self.dataset, lambda: trainer.current_epoch, self.position(trainer),
                            batch_size=self.batch_size, drop_last=True, num_workers=self.workers,
-                           pin_memory=self.pin_memory)
+                           pin_memory=self.pin_memory, worker_init_fn=worker_init)
 
     def preview_keys(self, n=8):
         """n sample keys spread evenly over the dataset: files are listed class by class, so the

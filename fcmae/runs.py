@@ -18,11 +18,13 @@ import torch
 import yaml
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.plugins.environments import SLURMEnvironment
 from lightning.pytorch.utilities import rank_zero_only
 
 from fcmae.callbacks import AtomicCheckpointIO, LastCheckpoint, SkippedFiles
 from fcmae.checkpoints import atomic_write, read_run_checkpoint
 from fcmae.errors import NonFiniteLoss, UserError
+from fcmae.preemption import StopOnSignal
 
 PRECISIONS = ("auto", "32", "bf16-mixed", "16-mixed")
 STRATEGIES = ("auto", "ddp", "fsdp")
@@ -132,12 +134,19 @@ def world_size(cfg):
 def make_trainer(cfg, output, callbacks, epochs, accumulate, **kwargs):
     """The run's Trainer: the hardware flags, crash-safe checkpoint files, TensorBoard under
     <output>/tensorboard, SkippedFiles (our data loaders end every batch with a skip count),
+    StopOnSignal (a scheduler's signal saves <output>/checkpoints/last.ckpt and stops the run),
     `epochs` and `accumulate` as the command resolved them; `kwargs` go to L.Trainer."""
+    plugins = [AtomicCheckpointIO()]
+    if SLURMEnvironment.detect():
+        # What Lightning would pick under srun, without its auto-requeue: StopOnSignal saves the
+        # one checkpoint to resume from, the job script requeues (README, "When things go wrong").
+        plugins.append(SLURMEnvironment(auto_requeue=False))
+    stop = StopOnSignal(Path(output) / "checkpoints" / "last.ckpt")
     return hardware_trainer(
         cfg, precision=make_precision(cfg.precision), max_epochs=epochs, max_steps=cfg.max_steps,
         accumulate_grad_batches=accumulate,
         logger=TensorBoardLogger(output, name="tensorboard", version="", default_hp_metric=False),
-        callbacks=[SkippedFiles(), *callbacks], plugins=[AtomicCheckpointIO()], log_every_n_steps=cfg.log_every,
+        callbacks=[SkippedFiles(), stop, *callbacks], plugins=plugins, log_every_n_steps=cfg.log_every,
         default_root_dir=output, **kwargs)
 
 
@@ -195,7 +204,9 @@ def write_config(output, resolved):
 
 def fit(trainer, module, resolved, ckpt_path=None, **data):
     """Write config.yaml and train: `trainer.fit(module, **data, ckpt_path=...)`. A non-finite
-    loss comes out as NonFiniteLoss naming the last good checkpoint (LastCheckpoint's), if any."""
+    loss comes out as NonFiniteLoss naming the last good checkpoint (LastCheckpoint's), if any;
+    a scheduler's signal as `Stopped` (fcmae.errors), after last.ckpt was saved: the command
+    writes no final files then (no encoder export, no classifier), the rerun does."""
     output = Path(resolved["output"])
     if trainer.is_global_zero:
         write_config(output, resolved)

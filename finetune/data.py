@@ -16,6 +16,7 @@ from torchvision.datasets.folder import IMG_EXTENSIONS
 from fcmae.data import load_image, read_or_skip
 from fcmae.errors import UserError
 from fcmae.filelist import list_classes
+from fcmae.preemption import worker_init
 
 # Grayscale data is normalized with the mean of ImageNet's channel statistics.
 STATS = {3: (IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD),
@@ -123,7 +124,8 @@ def check_classes(train, val):
 def loader(dataset, batch_size, workers, train):
     # Full batches in training: Mixup/CutMix pair samples within a batch and needs it even.
     return DataLoader(dataset, batch_size=batch_size, shuffle=train, drop_last=train, num_workers=workers,
-                      pin_memory=torch.cuda.is_available(), persistent_workers=workers > 0)
+                      pin_memory=torch.cuda.is_available(), persistent_workers=workers > 0,
+                      worker_init_fn=worker_init)  # a scheduler's signal stops the run, not its workers
 
 
 def stratified_split(labels, fraction, seed=0):
