@@ -177,6 +177,7 @@ def fit(cfg):
                         samples_per_epoch=cfg.samples_per_epoch, shuffle_buffer=cfg.shuffle_buffer)
     ckpt_path = runs.resume_checkpoint("pretrain", cfg, out,
                                        {k: cfg[k] for k in ("model", "in_chans", "decoder_dim", "decoder_depth")})
+    cfg.accumulate = runs.keep_effective_batch("pretrain", cfg, ckpt_path, cfg.accumulate)
 
     trainer = runs.make_trainer(
         cfg, out, callbacks(cfg, out), epochs=cfg.epochs, accumulate=cfg.accumulate, enable_model_summary=False,

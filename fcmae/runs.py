@@ -188,6 +188,39 @@ def resume_checkpoint(command, cfg, output, expected):
     return str(path)
 
 
+def keep_effective_batch(command, cfg, ckpt_path, accumulate, world=None):
+    """The gradient accumulation that gives a resumed run the effective batch its checkpoint was
+    trained with, on this run's `world` processes (default: as the hardware flags give) and
+    --batch-size: a cluster may give a requeued job another number of GPUs, and the effective
+    batch sets the lr, the steps per epoch and so the whole schedule. The checkpoint wins over
+    `accumulate` (given or not); one line says what changed. None: a new run, `accumulate` as is.
+
+    What stays exact: the lr schedule and optimizer state (from the checkpoint), and, for
+    pre-training on a folder, which samples every later optimizer step trains on (each rank takes
+    every world-th key of one permutation, so the union over ranks of a step's batches is the same
+    set); only the summation order of the gradient changes. Fine-tuning's loader is shuffled per
+    world size, so the order of the rest of the interrupted epoch differs."""
+    if ckpt_path is None:
+        return accumulate
+    saved = read_run_checkpoint(ckpt_path, command, trust=cfg.trust_checkpoint)["hyper_parameters"]
+    saved = saved.get("config") or {}
+    effective = saved.get("effective_batch")
+    world = world or world_size(cfg)
+    per_step = cfg.batch_size * world
+    if effective is None or per_step * accumulate == effective:
+        return accumulate
+    if effective % per_step:
+        raise UserError(f"{ckpt_path} was trained with an effective batch of {effective}, which --batch-size "
+                        f"{cfg.batch_size} x {world} device(s) does not divide: pass a --batch-size that divides "
+                        f"{effective} / {world}, or resume on {saved.get('world_size')} device(s)")
+    kept = effective // per_step
+    if rank_zero_only.rank == 0:
+        print(f"resuming on {world} device(s) with --batch-size {cfg.batch_size} (the checkpoint: "
+              f"{saved.get('world_size')} x {saved.get('batch_size')}): --accumulate {accumulate} -> {kept} keeps its "
+              f"effective batch of {effective}, so lr and schedule stay as they were", flush=True)
+    return kept
+
+
 def print_config(resolved):
     """Print the run's resolved configuration as YAML (once, on rank 0); with --dry-run the
     command stops after this."""

@@ -186,6 +186,11 @@ def train(cfg):
     output = Path(rv["output"])
     ckpt_path = runs.resume_checkpoint("finetune", cfg, output,
                                        {"arch": cfg.model, "in_chans": cfg.in_chans, "linear_probe": cfg.linear_probe})
+    accumulate = runs.keep_effective_batch("finetune", cfg, ckpt_path, rv["accumulate"], rv["world_size"])
+    if accumulate != rv["accumulate"]:  # resumed on another device count: the checkpoint's effective batch
+        cfg = cfg.clone()
+        cfg.accumulate = accumulate
+        rv = resolve(cfg)
     rv["resume_from"] = ckpt_path
     runs.print_config(rv)
     if cfg.dry_run:

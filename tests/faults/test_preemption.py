@@ -167,3 +167,43 @@ def test_ddp_sigterm_to_one_rank_stops_both_after_the_same_step(tmp_path, rank):
     assert seen < k <= seen + 2 and k < STEPS
     assert stopped_line(log).startswith(f"fcmae: stopped by SIGTERM at step {k}; ")
     assert not (run / "encoder.safetensors").exists()
+
+
+def test_resuming_on_two_devices_keeps_the_effective_batch_and_the_schedule(tmp_path, pretrain_cfg):
+    """2 steps on 1 device (batch 4 x accumulate 2), then the same command with --devices 2: the
+    accumulation halves, so effective batch, lr, steps per epoch and schedule stay; the run goes
+    on from step 2 and, each step training on the same samples, ends where 4 steps on 1 device do."""
+    import yaml
+
+    from fcmae.pretrain import fit
+    run = tmp_path / "run"
+    args = ["--accumulate", "2", "--log-every", "1", "--output", run]
+    fit(pretrain_cfg(*args, "--max-steps", "2"))
+    before = yaml.safe_load((run / "config.yaml").read_text())
+    with open(tmp_path / "ddp.log", "wb") as f:
+        child = run_command(["pretrain", *PRETRAIN, *args, "--max-steps", "4", "--devices", "2", "--strategy", "ddp"],
+                            stdout=f, stderr=subprocess.STDOUT)
+        assert child.wait(timeout=120) == 0, (tmp_path / "ddp.log").read_text()[-3000:]
+    log = (tmp_path / "ddp.log").read_text()
+    assert (f"resuming on 2 device(s) with --batch-size 4 (the checkpoint: 1 x 4): --accumulate 2 -> 1 keeps its "
+            f"effective batch of 8, so lr and schedule stay as they were") in log
+    after = yaml.safe_load((run / "config.yaml").read_text())
+    assert (after["world_size"], after["accumulate"], before["world_size"], before["accumulate"]) == (2, 1, 1, 2)
+    for key in ("effective_batch", "lr", "steps_per_epoch", "total_steps", "warmup_steps"):
+        assert after[key] == before[key], key
+    resumed = torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)
+    assert resumed["global_step"] == 4 and resumed["optimizer_states"][0]["state"][0]["step"] == 4
+    _, straight = fit(pretrain_cfg("--accumulate", "2", "--max-steps", "4", "--output", tmp_path / "straight"))
+    expected = straight.state_dict()
+    assert max((resumed["state_dict"][n] - expected[n]).abs().max().item() for n in expected) <= 1e-5
+
+
+def test_resuming_on_a_device_count_that_cannot_keep_the_effective_batch_is_one_line(tmp_path, pretrain_cfg, fcmae):
+    from fcmae.pretrain import fit
+    run = tmp_path / "run"
+    fit(pretrain_cfg("--max-steps", "1", "--output", run))  # effective batch 4
+    code, err = fcmae("pretrain", *PRETRAIN, "--batch-size", "3", "--max-steps", "2", "--dry-run", "--output", run)
+    assert code == 2 and err.strip().splitlines()[-1] == (
+        f"fcmae: error: {run / 'checkpoints' / 'last.ckpt'} was trained with an effective batch of 4, which "
+        f"--batch-size 3 x 1 device(s) does not divide: pass a --batch-size that divides 4 / 1, or resume on 1 "
+        f"device(s)")
