@@ -14,6 +14,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from fcmae.data import MaskedViews, find_source, normalization, pretrain_transform
 from fcmae.errors import UserError
+from fcmae.filelist import default_cache
 from fcmae.masking import PATCH_SIZE, check_mask_ratio
 from fcmae.preemption import worker_init
 from fcmae.shards import EpochLoader, is_shards, need_shards, open_shards
@@ -86,7 +87,8 @@ class PretrainData(L.LightningDataModule):
         if samples_per_epoch is not None:
             raise UserError("--samples-per-epoch is for shards (a folder's epoch is all its files): drop it, "
                             "or point --data at shards")
-        source, arrays = find_source(data, in_chans, input_size, strict)
+        # The listing is cached (fcmae.filelist): millions of files are listed once, not every start.
+        source, arrays = find_source(data, in_chans, input_size, strict, cache=default_cache())
         self.norm = normalization(in_chans, arrays)  # for un-normalizing reconstructions
         self.dataset = MaskedViews(source, pretrain_transform(input_size, self.norm), input_size, mask_ratio, seed)
         self.epoch_samples = len(self.dataset)

@@ -22,6 +22,7 @@ from fcmae import runs
 from fcmae.encoders import ConvNeXtV2
 from fcmae.encoders.convnextv2 import size_config
 from fcmae.errors import UserError
+from fcmae.filelist import default_cache
 from fcmae.finetune import data, layer_decay
 from fcmae.finetune.module import FinetuneModule
 from fcmae.checkpoints import classifier_state_dict, save_weights
@@ -199,9 +200,9 @@ def train(cfg):
 
     train_set = data.image_folder(cfg.data, "train", data.train_transform(cfg.input_size, cfg.in_chans, rv["aa"],
                                                                           rv["reprob"]), cfg.in_chans,
-                                  cfg.strict_data)
+                                  cfg.strict_data, cache=default_cache())
     val_set = data.image_folder(cfg.data, "val", data.eval_transform(cfg.input_size, cfg.in_chans, cfg.crop_pct),
-                                cfg.in_chans, cfg.strict_data)
+                                cfg.in_chans, cfg.strict_data, cache=default_cache())
     data.check_classes(train_set, val_set)
     world = rv["world_size"]
     if len(train_set) < cfg.batch_size * world:
