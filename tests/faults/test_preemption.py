@@ -207,3 +207,23 @@ def test_resuming_on_a_device_count_that_cannot_keep_the_effective_batch_is_one_
         f"fcmae: error: {run / 'checkpoints' / 'last.ckpt'} was trained with an effective batch of 4, which "
         f"--batch-size 3 x 1 device(s) does not divide: pass a --batch-size that divides 4 / 1, or resume on 1 "
         f"device(s)")
+
+
+def test_sigterm_stops_finetuning_with_last_ckpt_and_no_classifier(tmp_path):
+    from fcmae.cli import recipe_path
+
+    from .conftest import FINETUNE, labeled_folder
+    data, run, log = labeled_folder(tmp_path / "data", per_class=(12, 1)), tmp_path / "run", tmp_path / "ft.log"
+    args = [recipe_path("finetune", "atto") if a == "__ATTO__" else a for a in FINETUNE]
+    with open(log, "wb") as f:
+        child = run_command(["finetune", *args, "--data", data, "--epochs", "3", "--output", run],
+                            stdout=f, stderr=subprocess.STDOUT)
+        seen = wait_for_step(log, child, 3)
+        child.send_signal(signal.SIGTERM)
+        assert child.wait(timeout=60) == 143, log.read_text(errors="replace")[-3000:]
+    last = run / "checkpoints" / "last.ckpt"
+    k = saved_step(last)
+    assert seen < k <= seen + 2 and k < 36  # 12 steps per epoch, 3 epochs
+    assert stopped_line(log) == (f"fcmae: stopped by SIGTERM at step {k}; checkpoint saved to {last}; "
+                                 f"rerun the same command to continue")
+    assert not list(run.glob("classifier*.safetensors"))
