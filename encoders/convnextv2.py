@@ -64,12 +64,27 @@ class GRN(nn.Module):
         return rows.scale_shift(x, scale, self.beta.view(-1))
 
 
+def grad_like(param):
+    """A gradient hook that gives `param`'s gradient `param`'s strides when both are contiguous
+    (then only the strides of size-1 dimensions can differ: the bytes are the same). A depthwise
+    kernel (C, 1, 7, 7) gets its gradient with channels-last strides from channels-last input (the
+    dense and sparse backends) and with contiguous ones from MinkowskiEngine; DDP compares strides
+    exactly, warns ("Grad strides do not match bucket view strides") and copies such gradients into
+    its buckets element by element."""
+    def hook(grad):
+        if grad.stride() != param.stride() and grad.is_contiguous() and param.is_contiguous():
+            return grad.as_strided(param.shape, param.stride())  # a view: no copy
+        return grad
+    return hook
+
+
 class Block(nn.Module):
     """dwconv 7x7 -> LayerNorm -> Linear(C, 4C) -> GELU -> GRN -> Linear(4C, C) -> drop path -> + x."""
 
     def __init__(self, dim, drop_path=0.0):
         super().__init__()
         self.dwconv = nn.Conv2d(dim, dim, kernel_size=7, padding=3, groups=dim)
+        self.dwconv.weight.register_hook(grad_like(self.dwconv.weight))
         self.norm = nn.LayerNorm(dim, eps=1e-6)
         self.pwconv1 = nn.Linear(dim, 4 * dim)
         self.act = nn.GELU()

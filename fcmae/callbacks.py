@@ -30,19 +30,36 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         return load(path, trust=weights_only is False)
 
 
+def file_size(size):
+    """Bytes as people read them: 1.2 GB, 41.9 MB, 950 kB (powers of 1000, as `df -H`)."""
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if size >= scale:
+            return f"{size / scale:.1f} {unit}"
+    return f"{size} B"
+
+
 class LastCheckpoint(Callback):
     """Keeps `<dirpath>/last.ckpt` current: every `every_n_steps` optimizer steps and at the
     final step. Saving at a batch end (never in on_train_end, which Lightning records as a
-    finished epoch) lets a resumed run continue inside the epoch where this one stopped."""
+    finished epoch) lets a resumed run continue inside the epoch where this one stopped. Its
+    first save prints the size of one checkpoint and, with `keep` periodic checkpoints kept
+    beside it, what the folder will take."""
 
-    def __init__(self, dirpath, every_n_steps=1000):
-        self.path, self.every_n_steps = Path(dirpath) / "last.ckpt", every_n_steps
-        self.saved_step = None
+    def __init__(self, dirpath, every_n_steps=1000, keep=0):
+        self.path, self.every_n_steps, self.keep = Path(dirpath) / "last.ckpt", every_n_steps, keep
+        self.saved_step, self.told_size = None, False
 
     def save(self, trainer):
         if trainer.global_step != self.saved_step and trainer.global_step > 0:
             trainer.save_checkpoint(self.path, weights_only=False)  # all ranks call it; the strategy writes
             self.saved_step = trainer.global_step
+            if not self.told_size and trainer.is_global_zero:
+                self.told_size = True
+                size = self.path.stat().st_size
+                more = "" if self.keep == 0 else (
+                    "; every periodic step*.ckpt is kept (--keep-checkpoints -1)" if self.keep < 0 else
+                    f"; with the latest {self.keep} periodic step*.ckpt kept: up to {file_size(size * (self.keep + 1))}")
+                trainer.lightning_module.print(f"checkpoint size: {file_size(size)} ({self.path.name}){more}")
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         step = trainer.global_step

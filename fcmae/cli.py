@@ -1,6 +1,8 @@
 """The `fcmae` command. Each subcommand lives in its own module exposing `build_parser()` (a
 jsonargparse parser) and `run(cfg)`; this file only assembles them and turns `UserError` into
-one line on stderr and exit code 2. A command's `run` may return an exit code (None: 0)."""
+one line on stderr and exit code 2, and `Stopped` (a run stopped and saved on SIGTERM, SIGINT or
+SIGUSR1) into its one line and exit code 128 + the signal number. A command's `run` may return an
+exit code (None: 0)."""
 import importlib
 import re
 import sys
@@ -9,7 +11,7 @@ from importlib.resources import files
 
 from jsonargparse import ArgumentParser
 
-from fcmae.errors import UserError
+from fcmae.errors import Stopped, UserError
 
 COMMANDS = {
     "pretrain": ("fcmae.pretrain", "FCMAE self-supervised pre-training"),
@@ -93,6 +95,10 @@ def main(argv=None):
     except UserError as e:
         print(f"fcmae: error: {user_message(e)}", file=sys.stderr)
         sys.exit(2)
+    except Stopped as e:  # a scheduler's signal: the run is saved (fcmae/preemption.py)
+        if e.rank == 0:
+            print(f"fcmae: {e}", file=sys.stderr, flush=True)
+        sys.exit(e.exit_code)
     except KeyboardInterrupt:
         print("fcmae: interrupted", file=sys.stderr)
         sys.exit(130)

@@ -14,7 +14,9 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from fcmae.data import MaskedViews, find_source, normalization, pretrain_transform
 from fcmae.errors import UserError
+from fcmae.filelist import default_cache
 from fcmae.masking import PATCH_SIZE, check_mask_ratio
+from fcmae.preemption import worker_init
 from fcmae.shards import EpochLoader, is_shards, need_shards, open_shards
 
 
@@ -99,7 +101,8 @@ class PretrainData(L.LightningDataModule):
         if samples_per_epoch is not None:
             raise UserError("--samples-per-epoch is for shards (a folder's epoch is all its files): drop it, "
                             "or point --data at shards")
-        source, arrays = find_source(data, in_chans, input_size, strict)
+        # The listing is cached (fcmae.filelist): millions of files are listed once, not every start.
+        source, arrays = find_source(data, in_chans, input_size, strict, cache=default_cache())
         self.norm = normalization(in_chans, arrays)  # for un-normalizing reconstructions
         self.dataset = MaskedViews(source, pretrain_transform(input_size, self.norm), input_size, mask_ratio, seed)
         self.epoch_samples = len(self.dataset)
@@ -118,7 +121,7 @@ class PretrainData(L.LightningDataModule):
         self.sampler.skip = batches_done * self.batch_size
         return DataLoader(CountingViews(self.dataset), batch_size=self.batch_size, sampler=self.sampler, drop_last=True,
                           num_workers=self.workers, pin_memory=self.pin_memory,
-                          persistent_workers=self.workers > 0)
+                          persistent_workers=self.workers > 0, worker_init_fn=worker_init)
 
     def position(self, trainer):
         """(epoch, batches of it already trained on) where this run starts (`resume_position`)."""
@@ -131,7 +134,7 @@ class PretrainData(L.LightningDataModule):
         self.dataset.place(trainer.global_rank, trainer.world_size)
         return EpochLoader(self.dataset, lambda: trainer.current_epoch, self.position(trainer),
                            batch_size=self.batch_size, drop_last=True, num_workers=self.workers,
-                           pin_memory=self.pin_memory)
+                           pin_memory=self.pin_memory, worker_init_fn=worker_init)
 
     def preview_keys(self, n=8):
         """n sample keys spread evenly over the dataset: files are listed class by class, so the

@@ -19,3 +19,21 @@ class NonFiniteLoss(UserError):
         return (f"non-finite {self.what} ({self.value:g}) at step {self.step}: training stopped; {where}. "
                 f"Rerun the same command with a lower lr to resume from it, e.g. --lr {self.lr / 2:.3g} "
                 f"(half of {self.lr:.3g})")
+
+
+class Stopped(Exception):
+    """Training stopped on a scheduler's signal after optimizer step `step`, with the run saved
+    to `path` (fcmae/preemption.py). The CLI prints the message (on rank 0) and exits with
+    `exit_code`, 128 + the signal number: what a shell reports for a process the signal killed."""
+
+    def __init__(self, signum, step, path, rank=0):
+        super().__init__(signum, step, path, rank)
+        self.signal, self.step, self.path, self.rank = signum, step, path, rank
+
+    @property
+    def exit_code(self):
+        return 128 + int(self.signal)
+
+    def __str__(self):
+        return (f"stopped by {self.signal.name} at step {self.step}; checkpoint saved to {self.path}; "
+                f"rerun the same command to continue")

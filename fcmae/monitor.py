@@ -18,6 +18,7 @@ from fcmae.encoders import ConvNeXtV2
 from fcmae.features import embed, knn_accuracy, load_trunk
 from fcmae.files import append_line
 from fcmae.knn import labelled_sets
+from fcmae.preemption import worker_init
 
 
 class KnnMonitor(Callback):
@@ -47,7 +48,8 @@ class KnnMonitor(Callback):
         n, world, rank = len(dataset), trainer.world_size, trainer.global_rank
         mine = list(range(rank, n, world))
         mine += mine[-1:] * (math.ceil(n / world) - len(mine))  # repeat: rewritten with the same value below
-        loader = DataLoader(Subset(dataset, mine), batch_size=self.batch_size, num_workers=self.workers)
+        loader = DataLoader(Subset(dataset, mine), batch_size=self.batch_size, num_workers=self.workers,
+                            worker_init_fn=worker_init)
         device = next(encoder.parameters()).device
         feats, labels = embed(encoder, loader, device, precision)
         index = torch.tensor(mine, device=device)

@@ -3,43 +3,63 @@
 Schedulers warn before they kill: SLURM sends SIGTERM at the time limit (or the signal chosen with
 `#SBATCH --signal=USR1@120`), Kubernetes and spot instances send SIGTERM and wait a grace period,
 a person presses Ctrl-C (SIGINT). On any of SIGTERM, SIGINT and SIGUSR1 a training run finishes
-the optimizer step in flight, writes `last.ckpt` (atomically, like every checkpoint), and stops;
-the command then prints one line and exits with `EXIT_CODES[signal]` (128 + the signal number,
-what a shell reports for a process the signal killed, so job scripts that test for it keep
-working). Rerunning the same command continues from that step exactly.
+the optimizer step in flight, writes `last.ckpt` (atomically, like every checkpoint), and stops
+by raising `Stopped`; the command prints its one line and exits with 128 + the signal number
+(143 for SIGTERM, 130 for SIGINT, 138 for SIGUSR1: what a shell reports for a process the signal
+killed, so job scripts that test for it keep working). Rerunning the same command continues from
+that step exactly.
+
+Stopping by an exception rather than `trainer.should_stop`: the latter would first run a
+validation pass and the epoch-end hooks (periodic checkpoints at an odd step, a second save of
+last.ckpt), time a scheduler's grace period does not have.
 
 Under DDP the signal may reach one rank or all of them: after every optimizer step the ranks
 agree (one all-reduce of the signal number) whether any of them was signalled, so all stop after
-the same step and none is left waiting in a collective. Loader workers are forked after the
-handlers are installed, so a signal sent to the whole process group (as SLURM does) does not kill
-them mid-batch. A repeated SIGTERM or SIGUSR1 is ignored (schedulers may resend it); a second
-Ctrl-C stops at once, as Ctrl-C always did. Neither can corrupt a file: every checkpoint is
-written to a temporary file and renamed, so a save cut short leaves the previous one intact.
+the same step and none is left waiting in a collective. Loader workers ignore these signals
+(`worker_init`, the training loaders' worker_init_fn; PyTorch's own worker setup would otherwise
+let SIGTERM kill them): a signal sent to the whole process group, as SLURM does, reaches the
+training process alone in effect, and its workers end with it. A repeated SIGTERM or SIGUSR1 is
+ignored (schedulers may resend it); a second Ctrl-C stops at once, as Ctrl-C always did. Neither
+can corrupt a file: every checkpoint is written to a temporary file and renamed, so a save cut
+short leaves the previous one intact.
 
-This replaces Lightning's own SIGTERM handling (which stops without saving) and its SLURM
-auto-requeue (which saves a second kind of checkpoint, `hpc_ckpt_*.ckpt`): the run layer turns
-the latter off so that there is one checkpoint to resume from.
+This replaces Lightning's own signal handling: its SIGTERM handler stops without saving (and,
+under DDP, broadcasts from inside the handler), and its SLURM auto-requeue saves a second kind of
+checkpoint (`hpc_ckpt_*.ckpt`) and requeues the job itself. `StopOnSignal` keeps Lightning from
+installing either, and the run layer also turns auto-requeue off, so there is one checkpoint to
+resume from and the job script decides about requeueing.
 """
+import os
 import signal
 from pathlib import Path
 
 import torch
+from lightning.fabric.utilities.seed import pl_worker_init_function
 from lightning.pytorch.callbacks import Callback
 
+from fcmae.errors import Stopped
+
 SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
-EXIT_CODES = {s: 128 + int(s) for s in SIGNALS}
+
+
+def worker_init(worker_id):
+    """worker_init_fn of every loader used while training: the worker ignores `SIGNALS` (the
+    training process decides when to stop), then seeds itself as Lightning's own worker_init_fn
+    would have (`seed_everything(workers=True)`), which setting one replaces."""
+    for s in SIGNALS:
+        signal.signal(s, signal.SIG_IGN)
+    if int(os.environ.get("PL_SEED_WORKERS", 0)):
+        pl_worker_init_function(worker_id)  # its rank: this process's global rank, as Lightning's
 
 
 class StopOnSignal(Callback):
-    """Installs handlers for `SIGNALS` when training starts (after Lightning's own, which it
-    replaces) and restores the previous ones when it ends. After a stop, `received` is the
-    signal and `saved_step` the step written to `path`."""
+    """Installs handlers for `SIGNALS` for the duration of `trainer.fit` and restores the
+    previous ones after; on a signal, saves the run to `path` at the next step boundary and
+    raises `Stopped`."""
 
     def __init__(self, path):
         self.path = Path(path)
         self.received = None  # the first signal, on this process
-        self.stopped_by = None  # the signal the run stopped for (any rank's), or None
-        self.saved_step = None
         self._previous, self._seen_step = {}, None
 
     def _handle(self, signum, frame):
@@ -48,15 +68,18 @@ class StopOnSignal(Callback):
         elif signum == signal.SIGINT:
             raise KeyboardInterrupt
 
-    def on_train_start(self, trainer, pl_module):
-        self._seen_step = trainer.global_step
+    def setup(self, trainer, pl_module, stage):
+        # Lightning installs its own SIGTERM handler right after `setup` (and forks the loader
+        # workers after that): keep it from doing so, on this trainer only.
+        trainer._signal_connector.register_signal_handlers = lambda: None
+        self.received = None
         for s in SIGNALS:
             try:
                 self._previous[s] = signal.signal(s, self._handle)
             except ValueError:  # not the main thread (e.g. a notebook's worker thread): no handlers
                 pass
 
-    def on_train_end(self, trainer, pl_module):
+    def teardown(self, trainer, pl_module, stage):
         self._restore()
 
     def on_exception(self, trainer, pl_module, exception):
@@ -67,25 +90,21 @@ class StopOnSignal(Callback):
             signal.signal(s, handler)
         self._previous = {}
 
+    def on_train_start(self, trainer, pl_module):
+        self._seen_step = trainer.global_step
+
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         if trainer.global_step == self._seen_step:
             return  # inside a gradient accumulation cycle: no step boundary yet
         self._seen_step = trainer.global_step
-        # Every rank reaches this point after the same steps, so this collective always matches.
-        # The largest signal number of any rank: 0 when none was signalled.
-        mine = torch.tensor(int(self.received or 0), device=pl_module.device)
-        signum = int(trainer.strategy.reduce(mine, reduce_op="max"))
+        if trainer.world_size == 1:
+            signum = int(self.received or 0)  # no tensor: no device sync per step
+        else:
+            # Every rank reaches this point after the same steps, so this collective always
+            # matches. The largest signal number of any rank: 0 when none was signalled.
+            mine = torch.tensor(int(self.received or 0), device=pl_module.device)
+            signum = int(trainer.strategy.reduce(mine, reduce_op="max"))
         if not signum:
             return
-        self.stopped_by = signal.Signals(signum)
         trainer.save_checkpoint(self.path)  # all ranks call it; rank 0 writes
-        self.saved_step = trainer.global_step
-        trainer.should_stop = True
-
-    def message(self):
-        return (f"stopped by {self.stopped_by.name} at step {self.saved_step}; checkpoint saved to {self.path}; "
-                f"rerun the same command to continue")
-
-    @property
-    def exit_code(self):
-        return EXIT_CODES[self.stopped_by]
+        raise Stopped(signal.Signals(signum), trainer.global_step, self.path, trainer.global_rank)

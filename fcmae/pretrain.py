@@ -8,7 +8,7 @@ With `--data demo` (the default) the schedule switches to a short demo (`DEMO`):
 that still holds the recipe's value takes the demo value, and flags you pass still win.
 
 The run directory (`--output`) gets tensorboard/ logs, reconstructions/*.png, checkpoints/
-(last.ckpt, kept current, and periodic step*.ckpt), config.yaml and encoder.safetensors.
+(last.ckpt, kept current, and the latest --keep-checkpoints periodic step*.ckpt), config.yaml and encoder.safetensors.
 Running the same command again resumes from checkpoints/last.ckpt.
 """
 import warnings
@@ -87,7 +87,10 @@ def build_parser():
     g = runs.add_run_flags(p, output_help="run directory (default: runs/<model>[-demo])")
     g.add_argument("--vis-every", type=int, default=1000, help="steps between reconstruction grids")
     g.add_argument("--ckpt-every", type=int, default=1000, help="steps between last.ckpt updates")
-    g.add_argument("--save-every-epochs", type=int, default=20, help="epochs between kept step*.ckpt files")
+    g.add_argument("--save-every-epochs", type=int, default=20, help="epochs between periodic step*.ckpt files")
+    g.add_argument("--keep-checkpoints", type=int, default=3,
+                   help="periodic step*.ckpt files kept: the latest K (an older one is removed only after the new "
+                        "one is written); 0: none, -1: all. last.ckpt is always kept")
     g.add_argument("--export", action=ActionYesNo(no_prefix="no-"), default=True,
                    help="write <output>/encoder.safetensors at the end")
     return p
@@ -120,6 +123,8 @@ def recipe_values(cfg):
 def check(cfg):
     """Cheap checks of the options, before any data is scanned or model built."""
     runs.check(cfg, "accumulate", "vis_every", "ckpt_every", "save_every_epochs")
+    if cfg.keep_checkpoints < -1:
+        raise UserError(f"--keep-checkpoints {cfg.keep_checkpoints}: pass how many to keep (0: none, -1: all)")
     require_backend(cfg.backend)
     if cfg.eval_data is not None:
         from fcmae.knn import check_knn
@@ -143,10 +148,11 @@ def require_backend(name, device=None):
 def callbacks(cfg, out):
     ckpt_dir = out / "checkpoints"
     callbacks = [
-        LastCheckpoint(ckpt_dir, cfg.ckpt_every),
-        ModelCheckpoint(ckpt_dir, filename="step{step:07d}", auto_insert_metric_name=False, save_top_k=-1,
-                        every_n_epochs=cfg.save_every_epochs, save_on_train_epoch_end=True,
-                        enable_version_counter=False),
+        LastCheckpoint(ckpt_dir, cfg.ckpt_every, keep=cfg.keep_checkpoints),
+        # The latest K by step: Lightning writes the new file, then removes the oldest.
+        ModelCheckpoint(ckpt_dir, filename="step{step:07d}", auto_insert_metric_name=False, monitor="step",
+                        mode="max", save_top_k=cfg.keep_checkpoints, every_n_epochs=cfg.save_every_epochs,
+                        save_on_train_epoch_end=True, enable_version_counter=False),
         Throughput(),
         Reconstructions(out / "reconstructions", cfg.vis_every),
         TQDMProgressBar(refresh_rate=1),
@@ -171,6 +177,7 @@ def fit(cfg):
                         samples_per_epoch=cfg.samples_per_epoch, shuffle_buffer=cfg.shuffle_buffer)
     ckpt_path = runs.resume_checkpoint("pretrain", cfg, out,
                                        {k: cfg[k] for k in ("model", "in_chans", "decoder_dim", "decoder_depth")})
+    cfg.accumulate = runs.keep_effective_batch("pretrain", cfg, ckpt_path, cfg.accumulate)
 
     trainer = runs.make_trainer(
         cfg, out, callbacks(cfg, out), epochs=cfg.epochs, accumulate=cfg.accumulate, enable_model_summary=False,

@@ -18,12 +18,14 @@ import torch
 import yaml
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.plugins.environments import SLURMEnvironment
 from lightning.pytorch.utilities import rank_zero_only
 
 from fcmae.callbacks import AtomicCheckpointIO, LastCheckpoint, SkippedFiles
 from fcmae.checkpoints import read_run_checkpoint
 from fcmae.files import atomic_write
 from fcmae.errors import NonFiniteLoss, UserError
+from fcmae.preemption import StopOnSignal
 
 PRECISIONS = ("auto", "32", "bf16-mixed", "16-mixed")
 STRATEGIES = ("auto", "ddp", "fsdp")
@@ -134,12 +136,20 @@ def make_trainer(cfg, output, callbacks, epochs, accumulate, **kwargs):
     """The run's Trainer: the hardware flags, crash-safe checkpoint files, TensorBoard under
     <output>/tensorboard, SkippedFiles (our data loaders end every batch with a skip count; the
     files are listed in <output>/skipped_files.txt),
+    StopOnSignal (a scheduler's signal saves <output>/checkpoints/last.ckpt and stops the run),
     `epochs` and `accumulate` as the command resolved them; `kwargs` go to L.Trainer."""
+    plugins = [AtomicCheckpointIO()]
+    if SLURMEnvironment.detect():
+        # What Lightning would pick under srun, without its auto-requeue: StopOnSignal saves the
+        # one checkpoint to resume from, the job script requeues (README, "When things go wrong").
+        plugins.append(SLURMEnvironment(auto_requeue=False))
+    stop = StopOnSignal(Path(output) / "checkpoints" / "last.ckpt")
     return hardware_trainer(
         cfg, precision=make_precision(cfg.precision), max_epochs=epochs, max_steps=cfg.max_steps,
         accumulate_grad_batches=accumulate,
         logger=TensorBoardLogger(output, name="tensorboard", version="", default_hp_metric=False),
-        callbacks=[SkippedFiles(Path(output) / "skipped_files.txt"), *callbacks], plugins=[AtomicCheckpointIO()], log_every_n_steps=cfg.log_every,
+        callbacks=[SkippedFiles(Path(output) / "skipped_files.txt"), stop, *callbacks], plugins=plugins,
+        log_every_n_steps=cfg.log_every,
         default_root_dir=output, **kwargs)
 
 
@@ -188,6 +198,39 @@ def check_output(output):
         raise UserError(f"--output {output} is a file, not a folder: pass a run directory (new or existing)")
 
 
+def keep_effective_batch(command, cfg, ckpt_path, accumulate, world=None):
+    """The gradient accumulation that gives a resumed run the effective batch its checkpoint was
+    trained with, on this run's `world` processes (default: as the hardware flags give) and
+    --batch-size: a cluster may give a requeued job another number of GPUs, and the effective
+    batch sets the lr, the steps per epoch and so the whole schedule. The checkpoint wins over
+    `accumulate` (given or not); one line says what changed. None: a new run, `accumulate` as is.
+
+    What stays exact: the lr schedule and optimizer state (from the checkpoint), and, for
+    pre-training on a folder and fine-tuning, which samples every later optimizer step trains on
+    (each rank takes every world-th key of one permutation, so the union over ranks of a step's
+    batches is the same set); only the summation order of the gradient changes. Shards are split
+    by rank, so the rest of an interrupted epoch differs there."""
+    if ckpt_path is None:
+        return accumulate
+    saved = read_run_checkpoint(ckpt_path, command, trust=cfg.trust_checkpoint)["hyper_parameters"]
+    saved = saved.get("config") or {}
+    effective = saved.get("effective_batch")
+    world = world or world_size(cfg)
+    per_step = cfg.batch_size * world
+    if effective is None or per_step * accumulate == effective:
+        return accumulate
+    if effective % per_step:
+        raise UserError(f"{ckpt_path} was trained with an effective batch of {effective}, which --batch-size "
+                        f"{cfg.batch_size} x {world} device(s) does not divide: pass a --batch-size that divides "
+                        f"{effective} / {world}, or resume on {saved.get('world_size')} device(s)")
+    kept = effective // per_step
+    if rank_zero_only.rank == 0:
+        print(f"resuming on {world} device(s) with --batch-size {cfg.batch_size} (the checkpoint: "
+              f"{saved.get('world_size')} x {saved.get('batch_size')}): --accumulate {accumulate} -> {kept} keeps its "
+              f"effective batch of {effective}, so lr and schedule stay as they were", flush=True)
+    return kept
+
+
 def print_config(resolved):
     """Print the run's resolved configuration as YAML (once, on rank 0); with --dry-run the
     command stops after this."""
@@ -204,7 +247,9 @@ def write_config(output, resolved):
 
 def fit(trainer, module, resolved, ckpt_path=None, **data):
     """Write config.yaml and train: `trainer.fit(module, **data, ckpt_path=...)`. A non-finite
-    loss comes out as NonFiniteLoss naming the last good checkpoint (LastCheckpoint's), if any."""
+    loss comes out as NonFiniteLoss naming the last good checkpoint (LastCheckpoint's), if any;
+    a scheduler's signal as `Stopped` (fcmae.errors), after last.ckpt was saved: the command
+    writes no final files then (no encoder export, no classifier), the rerun does."""
     output = Path(resolved["output"])
     if trainer.is_global_zero:
         write_config(output, resolved)

@@ -22,6 +22,7 @@ from fcmae import runs
 from fcmae.encoders import ConvNeXtV2
 from fcmae.encoders.convnextv2 import size_config
 from fcmae.errors import UserError
+from fcmae.filelist import default_cache
 from fcmae.finetune import data, layer_decay
 from fcmae.finetune.module import FinetuneModule
 from fcmae.checkpoints import classifier_state_dict, save_weights
@@ -186,6 +187,11 @@ def train(cfg):
     output = Path(rv["output"])
     ckpt_path = runs.resume_checkpoint("finetune", cfg, output,
                                        {"arch": cfg.model, "in_chans": cfg.in_chans, "linear_probe": cfg.linear_probe})
+    accumulate = runs.keep_effective_batch("finetune", cfg, ckpt_path, rv["accumulate"], rv["world_size"])
+    if accumulate != rv["accumulate"]:  # resumed on another device count: the checkpoint's effective batch
+        cfg = cfg.clone()
+        cfg.accumulate = accumulate
+        rv = resolve(cfg)
     rv["resume_from"] = ckpt_path
     runs.print_config(rv)
     if cfg.dry_run:
@@ -194,9 +200,9 @@ def train(cfg):
 
     train_set = data.image_folder(cfg.data, "train", data.train_transform(cfg.input_size, cfg.in_chans, rv["aa"],
                                                                           rv["reprob"]), cfg.in_chans,
-                                  cfg.strict_data)
+                                  cfg.strict_data, cache=default_cache())
     val_set = data.image_folder(cfg.data, "val", data.eval_transform(cfg.input_size, cfg.in_chans, cfg.crop_pct),
-                                cfg.in_chans, cfg.strict_data)
+                                cfg.in_chans, cfg.strict_data, cache=default_cache())
     data.check_classes(train_set, val_set)
     world = rv["world_size"]
     if len(train_set) < cfg.batch_size * world:

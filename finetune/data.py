@@ -27,6 +27,7 @@ from fcmae.data import ARRAY_EXTENSIONS, BadFile, load_image, read_array, read_o
 from fcmae.datamodule import ResumableSampler, resume_position
 from fcmae.errors import UserError
 from fcmae.filelist import list_classes
+from fcmae.preemption import worker_init
 
 # Grayscale data is normalized with the mean of ImageNet's channel statistics.
 STATS = {3: (IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD),
@@ -214,7 +215,8 @@ def loader(dataset, batch_size, workers, train, sampler=None, generator=None):
     # Full batches in training: Mixup/CutMix pair samples within a batch and needs it even.
     return DataLoader(dataset, batch_size=batch_size, shuffle=train and sampler is None, sampler=sampler,
                       drop_last=train, num_workers=workers, pin_memory=torch.cuda.is_available(),
-                      persistent_workers=workers > 0, generator=generator)
+                      persistent_workers=workers > 0, generator=generator,
+                      worker_init_fn=worker_init)  # a scheduler's signal stops the run, not its workers
 
 
 class SeededItems(Dataset):

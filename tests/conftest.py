@@ -10,6 +10,20 @@ sys.path.insert(0, str(Path(__file__).parent))
 warnings.filterwarnings("ignore", message="The MinkowskiEngine was compiled with CPU_ONLY flag")
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _listing_cache(tmp_path_factory):
+    """File listings are cached under $XDG_CACHE_HOME (fcmae.filelist.default_cache): a fresh one
+    for the test session (child processes inherit it), not the user's ~/.cache."""
+    import os
+    previous = os.environ.get("XDG_CACHE_HOME")
+    os.environ["XDG_CACHE_HOME"] = str(tmp_path_factory.mktemp("cache"))
+    yield
+    if previous is None:
+        os.environ.pop("XDG_CACHE_HOME")
+    else:
+        os.environ["XDG_CACHE_HOME"] = previous
+
+
 @pytest.fixture
 def one_thread(monkeypatch):
     """One compute thread: on a shared 2-core machine more threads spin against each other."""

@@ -197,3 +197,20 @@ def test_masked_pixels_change_nothing(backend):
     assert in_grad[visible].abs().max() > 0
     for name, g in grads.items():
         assert_relative(grads2[name], g, f"gradient of {name}")
+
+
+@pytest.mark.parametrize("backend", ["dense", "sparse", pytest.param("minkowski", marks=pytest.mark.minkowski)])
+def test_every_gradient_has_its_parameters_strides(backend):
+    """DDP's gradient buckets are laid out like the parameters and it compares strides exactly:
+    a gradient with other strides (the depthwise kernels' from channels-last input) draws its
+    "Grad strides do not match bucket view strides" warning and an element-wise copy."""
+    if backend == "minkowski":
+        minkowski()
+    from fcmae.model import FCMAE
+    torch.manual_seed(0)
+    model = FCMAE("atto", backend, 3, 64, 0.6, True, 1, 16, 0.0)
+    loss, _, _ = model(torch.randn(2, 3, 64, 64), (torch.rand(2, 2, 2) < 0.6).float())
+    loss.backward()
+    kernels = [p for n, p in model.named_parameters() if n.endswith("dwconv.weight")]
+    assert kernels and all(p.grad is not None for p in kernels)
+    assert [n for n, p in model.named_parameters() if p.grad is not None and p.grad.stride() != p.stride()] == []

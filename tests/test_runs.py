@@ -36,3 +36,33 @@ def test_devices_lightning_refuses_are_one_line():
     cfg = finetune_parser().parse_args(["--accelerator", "cpu", "--devices", "0,1"])  # CPUs are counted, not listed
     with pytest.raises(UserError, match=r"^--accelerator cpu --devices 0,1 --num-nodes 1: .*int > 0"):
         world_size(cfg)
+
+
+def test_training_commands_cache_their_file_listings(tmp_path, one_thread):
+    """Pre-training's folder and fine-tuning's train/ and val/ are listed once: the listings land
+    in the cache (fcmae.filelist.default_cache, a temporary one in tests) and are read back."""
+    import json
+    import os
+    import time
+
+    from helpers import labelled_images
+
+    from fcmae.datamodule import PretrainData
+    from fcmae.filelist import default_cache
+    from fcmae.finetune.cli import train
+    data = labelled_images(tmp_path / "data", classes=2, per_class=4, size=64, val_per_class=1)
+    past = time.time() - 60  # folders changed just now are not cached (a file may land in the same tick)
+    for folder, _, _ in os.walk(data):
+        os.utime(folder, (past, past))
+    before = set(default_cache().glob("*.npz")) if default_cache().is_dir() else set()
+    first = PretrainData(str(data / "train"), input_size=64, workers=0)
+    cached = set(default_cache().glob("*.npz")) - before
+    assert len(cached) == 1
+    assert len(PretrainData(str(data / "train"), input_size=64, workers=0).dataset) == len(first.dataset) == 8
+    tiny = json.dumps({"depths": [1, 1, 1, 1], "dims": [8, 16, 32, 64]})
+    from fcmae.cli import recipe_path
+    train(finetune_parser().parse_args([
+        "--config", recipe_path("finetune", "atto"), "--model", tiny, "--data", str(data), "--input-size", "64", "--batch-size", "2", "--effective-batch", "2",
+        "--workers", "0", "--accelerator", "cpu", "--devices", "1", "--precision", "32", "--max-steps", "1",
+        "--output", str(tmp_path / "ft")]))
+    assert len(set(default_cache().glob("*.npz")) - before - cached) == 2  # train/ and val/

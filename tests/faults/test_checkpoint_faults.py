@@ -327,3 +327,30 @@ def test_a_really_full_disk(fcmae, small_filesystem):
         f"fcmae: error: no space left on device while saving {last}: free space or point --output elsewhere; "
         f"the previous checkpoint is intact")
     assert checkpoint_step(last) == 2 and os.listdir(last.parent) == ["last.ckpt"]
+
+
+def test_keep_checkpoints_keeps_the_latest_k_and_removes_only_after_the_new_one_is_written(
+        tmp_path, pretrain_cfg, monkeypatch, capsys):
+    """Periodic step*.ckpt every epoch (2 steps), --keep-checkpoints 2: at every removal the new
+    file is already on disk beside the two kept; at the end the latest two and last.ckpt remain.
+    The first save prints the size of one checkpoint."""
+    from .conftest import write_images
+    data, run = write_images(tmp_path / "data", 8, size=64), tmp_path / "run"
+    seen = []
+    real = AtomicCheckpointIO.remove_checkpoint
+
+    def remove(self, path):
+        seen.append((Path(path).name, sorted(p.name for p in Path(path).parent.glob("step*.ckpt"))))
+        real(self, path)
+    monkeypatch.setattr(AtomicCheckpointIO, "remove_checkpoint", remove)
+    fit(pretrain_cfg("--data", data, "--epochs", "5", "--save-every-epochs", "1", "--keep-checkpoints", "2",
+                     "--output", run))
+    names = [f"step{s:07d}.ckpt" for s in (2, 4, 6, 8, 10)]
+    assert sorted(os.listdir(run / "checkpoints")) == ["last.ckpt", *names[-2:]]
+    assert seen == [(names[i], names[i:i + 3]) for i in range(3)]  # the oldest goes once a third is written
+    assert checkpoint_step(run / "checkpoints" / names[-1]) == 10
+    size = (run / "checkpoints" / "last.ckpt").stat().st_size
+    out = capsys.readouterr().out.replace("\r", "\n")  # the progress bar's lines end in \r
+    lines = [line for line in out.splitlines() if line.startswith("checkpoint size:")]
+    assert lines == [f"checkpoint size: {size / 1e6:.1f} MB (last.ckpt); with the latest 2 periodic step*.ckpt "
+                     f"kept: up to {3 * size / 1e6:.1f} MB"]
