@@ -185,6 +185,7 @@ def fit(cfg):
     steps_per_epoch, total_steps, warmup_steps = schedule_steps(batches, cfg.accumulate, cfg.epochs,
                                                                 cfg.warmup_epochs)
     eff_batch = cfg.batch_size * cfg.accumulate * world
+    runs.warn_few_steps(steps_per_epoch, data.epoch_samples, "lower --accumulate or --batch-size")
     resolved = {**cfg.as_dict(), "betas": list(cfg.betas),
                 "backend": resolve_backend(cfg.backend, trainer.strategy.root_device.type),
                 "precision": runs.make_precision(cfg.precision),

@@ -8,7 +8,9 @@ A training command adds the flag groups to its parser (`add_hardware_flags`,
 `resume_checkpoint`, `print_config` (returning there with --dry-run), `make_trainer` and `fit`.
 """
 import logging
+import math
 import os
+import sys
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Literal, Optional, Union
@@ -87,6 +89,37 @@ def check(cfg, *at_least_one):
             raise UserError(f"--{name.replace('_', '-')} {cfg[name]}: must be at least 1")
     if cfg.workers < 0:
         raise UserError(f"--workers {cfg.workers}: must be 0 (load in the training process) or more")
+
+
+# ----------------------------------------------------------------------------- steps per epoch
+
+# Fewer optimizer steps per epoch than this and an epoch-based schedule (warmup, cosine, EMA,
+# one validation per epoch) has too few points to do its job: a small dataset at the recipe's
+# effective batch of 1024 gets one step per epoch.
+MIN_STEPS_PER_EPOCH = 20
+
+
+def steps_per_epoch(images, batch_size, world, accumulate):
+    """Optimizer steps in an epoch of `images` shared by `world` processes: each rank gets an
+    equal share (the distributed sampler pads), drops its last partial batch, and steps once per
+    `accumulate` batches (a partial window at the epoch's end steps too)."""
+    batches = math.ceil(images / world) // batch_size
+    return math.ceil(batches / accumulate)
+
+
+def warn_few_steps(steps, images, fix):
+    """One printed line (not a Python warning: job scripts often filter those) when an epoch has
+    fewer than MIN_STEPS_PER_EPOCH optimizer steps; `fix` says which flags change it."""
+    if steps < MIN_STEPS_PER_EPOCH:
+        notice(f"warning: {images:,} training images give {steps} optimizer step{'s' * (steps != 1)} per epoch "
+               f"(fewer than {MIN_STEPS_PER_EPOCH}), too few for the schedule to work with; {fix}")
+
+
+def notice(line):
+    """A line for the user about what a run changed or doubts, once (rank 0), on stderr: stdout
+    carries the resolved configuration, which --dry-run prints as YAML for scripts."""
+    if rank_zero_only.rank == 0:
+        print(line, file=sys.stderr, flush=True)
 
 
 # ----------------------------------------------------------------------------- hardware
