@@ -198,8 +198,11 @@ def fit_to_data(cfg, rv, images):
 
     - effective batch: the recipe's is lowered, by lowering the accumulation (the per-device
       batch stays), until an epoch has at least runs.MIN_STEPS_PER_EPOCH optimizer steps or the
-      accumulation is 1; lr follows through blr. A --effective-batch/--accumulate the user gave
-      is kept, with a warning.
+      accumulation is 1. The lr stays the recipe's (blr x its effective batch / 256): scaled
+      down with the batch (64x from 1024 to 16) AdamW barely moves the weights, and on a small
+      set the recipe then stalls where a plain AdamW loop learns (tests/test_finetune_small_data.py).
+      A --effective-batch/--accumulate the user gave is kept, lr = blr x it / 256 as always,
+      with a warning.
     - EMA: a run shorter than 10 time constants (1 / (1 - decay) steps) mostly averages the
       initial weights; the recipe's decay is lowered to 1 - 10 / steps (an explicit one is
       kept, with a warning naming that value).
@@ -218,11 +221,10 @@ def fit_to_data(cfg, rv, images):
                 accumulate -= 1
             steps = runs.steps_per_epoch(images, cfg.batch_size, world, accumulate)
             effective_batch = cfg.batch_size * world * accumulate
-            runs.notice(f"effective batch {rv['effective_batch']} -> {effective_batch}: {images:,} training images give "
-                f"{steps} steps per epoch; pass --effective-batch to choose")
+            kept = "" if cfg.lr is not None else f" (lr stays the recipe's {rv['lr']:.3g})"
+            runs.notice(f"effective batch {rv['effective_batch']} -> {effective_batch}: {images:,} training images "
+                        f"give {steps} steps per epoch; pass --effective-batch to choose{kept}")
             rv.update(accumulate=accumulate, effective_batch=effective_batch)
-            if cfg.lr is None:
-                rv["lr"] = rv["blr"] * effective_batch / 256
     rv["steps_per_epoch"] = steps
     total = steps * rv["epochs"] if cfg.max_steps < 0 else min(cfg.max_steps, steps * rv["epochs"])
     rv["total_steps"] = total
