@@ -58,7 +58,8 @@ def build_parser():
     g.add_argument("--drop-path", type=float, default=0.1, help="stochastic depth rate")
     g = p.add_argument_group("data and augmentation")
     g.add_argument("--data", type=Optional[str], default=None,
-                   help="folder with train/ class folders, and val/ ones (else --val-split holds some of train/ out)")
+                   help="folder with train/ class folders, and val/ ones (else --val-split holds part of train/ "
+                        "out)")
     g.add_argument("--val-split", type=float, default=0.1,
                    help="without val/: the fraction of each class of train/ held out for validation (stratified, "
                         "seeded by --seed, listed in OUTPUT/val_split.txt and reused on resume); 0: train on "
@@ -229,20 +230,20 @@ def fit_to_data(cfg, rv, images):
     total = steps * rv["epochs"] if cfg.max_steps < 0 else min(cfg.max_steps, steps * rv["epochs"])
     rv["total_steps"] = total
     decay = rv["ema_decay"]
-    if decay is not None and total < 10 / (1 - decay):
+    if decay is not None and 0 < total < 10 / (1 - decay):
         fitting = max(0.0, math.floor((1 - 10 / total) * 1e4) / 1e4)  # rounded down: still fits
         if cfg.ema_decay != recipe_cfg.ema_decay:
-            runs.notice(f"warning: --ema-decay {decay} averages over ~{1 / (1 - decay):,.0f} steps, longer than a tenth of "
-                f"this run's {total:,} optimizer steps: the EMA will stay near the initial weights; "
-                f"--ema-decay {fitting} fits")
+            runs.notice(f"warning: --ema-decay {decay} averages over ~{1 / (1 - decay):,.0f} steps, longer than a "
+                        f"tenth of this run's {total:,} optimizer steps: the EMA will stay near the initial weights; "
+                        f"--ema-decay {fitting} fits")
         else:
-            runs.notice(f"EMA decay {decay} -> {fitting}: this run has {total:,} optimizer steps, fewer than 10 EMA time "
-                f"constants (1 / (1 - decay) = {1 / (1 - decay):,.0f} steps); pass --ema-decay to choose")
+            runs.notice(f"EMA decay {decay} -> {fitting}: this run has {total:,} optimizer steps, fewer than 10 EMA "
+                        f"time constants (1 / (1 - decay) = {1 / (1 - decay):,.0f} steps); pass --ema-decay to choose")
             rv["ema_decay"] = fitting
     if rv["warmup_epochs"] >= rv["epochs"] and rv["warmup_epochs"] > 0:
         warmup = rv["epochs"] / 5
-        runs.notice(f"warmup {rv['warmup_epochs']:g} epochs -> {warmup:g}: the run has {rv['epochs']} epochs, and a warmup "
-            f"that long would never reach the lr; pass --warmup-epochs below --epochs to choose")
+        runs.notice(f"warmup {rv['warmup_epochs']:g} epochs -> {warmup:g}: the run has {rv['epochs']} epochs, and a "
+                    f"warmup that long would never reach the lr; pass --warmup-epochs below --epochs to choose")
         rv["warmup_epochs"] = warmup
 
 
@@ -318,6 +319,8 @@ def train(cfg):
     "module"} (None for --dry-run); `run` is the command, this is for tests and scripts."""
     # The EMA copy and the probe's frozen encoder are in eval mode on purpose.
     warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
+    # --val-split 0: no val loader, on purpose.
+    warnings.filterwarnings("ignore", message="You defined a `validation_step` but have no `val_dataloader`")
     check(cfg)
     output = Path(default_output(cfg))
     train_set, val_set, classes = datasets(cfg, output)
@@ -390,11 +393,11 @@ def datasets(cfg, output):
         data.check_classes(train_set, val_set)
     elif cfg.val_split > 0:
         split_file = output / "val_split.txt"
-        if cfg.no_resume:
+        if cfg.no_resume and not cfg.dry_run and rank_zero_only.rank == 0:
             split_file.unlink(missing_ok=True)
-        reused = split_file.is_file()
-        kept, held = data.held_out_split(train_set, cfg.val_split, cfg.seed, split_file)
-        if not reused and rank_zero_only.rank == 0:
+        reused = split_file.is_file() and not cfg.no_resume
+        kept, held = data.held_out_split(train_set, cfg.val_split, cfg.seed, split_file if reused else None)
+        if not reused and not cfg.dry_run and rank_zero_only.rank == 0:
             data.write_split(split_file, train_set, held)
         runs.notice(f"no {cfg.data}/val: {'reusing the' if reused else 'holding out a stratified'} {len(held)} of "
             f"{len(train_set)} train/ images for validation, listed in {split_file}")

@@ -145,11 +145,12 @@ def stratified_split(labels, fraction, seed=0):
 def held_out_split(dataset, fraction, seed, list_file):
     """(train indices, held-out indices) of `dataset` for a folder without val/: a stratified,
     seeded `fraction` of each class, its files (relative to the dataset root) listed in
-    `list_file`. If `list_file` exists (a resumed run), its files are held out again."""
+    `list_file` by `write_split`. If `list_file` (optional) exists, its files are held out again
+    (a resumed run validates on the same images)."""
     root = Path(dataset.root)
     paths = [str(Path(dataset.paths[i]).relative_to(root)) for i in range(len(dataset))]
-    list_file = Path(list_file)
-    if list_file.is_file():
+    if list_file is not None and Path(list_file).is_file():
+        list_file = Path(list_file)
         held_names = [line for line in list_file.read_text().splitlines() if line]
         index = {p: i for i, p in enumerate(paths)}
         missing = [p for p in held_names if p not in index]

@@ -41,7 +41,7 @@ def per_class_table(cm, classes):
         lines.append(f"{'all':<{width}}  {total:>6}  {100 * int(cm.diag().sum()) / total:5.1f}")
     if len(classes) <= 20:
         cell = max(5, len(str(int(cm.max()))) + 1)
-        lines.append(f"confusion (rows: true class, columns: predicted, in class order)")
+        lines.append("confusion (rows: true class, columns: predicted, in class order)")
         for name, row in zip(classes, cm.tolist()):
             lines.append(f"{name:<{width}}  " + "".join(f"{v:>{cell}}" for v in row))
     return "\n".join(lines)
