@@ -10,7 +10,6 @@ A training command adds the flag groups to its parser (`add_hardware_flags`,
 import logging
 import math
 import os
-import sys
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Literal, Optional, Union
@@ -107,19 +106,13 @@ def steps_per_epoch(images, batch_size, world, accumulate):
     return math.ceil(batches / accumulate)
 
 
-def warn_few_steps(steps, images, fix):
-    """One printed line (not a Python warning: job scripts often filter those) when an epoch has
-    fewer than MIN_STEPS_PER_EPOCH optimizer steps; `fix` says which flags change it."""
+def few_steps_warning(steps, images, fix):
+    """The warning line when an epoch has fewer than MIN_STEPS_PER_EPOCH optimizer steps (else
+    None); `fix` says which flags change it. Goes into the run's notes (`print_notes`)."""
     if steps < MIN_STEPS_PER_EPOCH:
-        notice(f"warning: {images:,} training images give {steps} optimizer step{'s' * (steps != 1)} per epoch "
-               f"(fewer than {MIN_STEPS_PER_EPOCH}), too few for the schedule to work with; {fix}")
-
-
-def notice(line):
-    """A line for the user about what a run changed or doubts, once (rank 0), on stderr: stdout
-    carries the resolved configuration, which --dry-run prints as YAML for scripts."""
-    if rank_zero_only.rank == 0:
-        print(line, file=sys.stderr, flush=True)
+        return (f"warning: {images:,} training images give {steps} optimizer step{'s' * (steps != 1)} per epoch "
+                f"(fewer than {MIN_STEPS_PER_EPOCH}), too few for the schedule to work with; {fix}")
+    return None
 
 
 # ----------------------------------------------------------------------------- hardware
@@ -217,6 +210,15 @@ def print_config(resolved):
     command stops after this."""
     if rank_zero_only.rank == 0:
         print(yaml.safe_dump(resolved, sort_keys=False), end="", flush=True)
+
+
+def print_notes(resolved):
+    """The resolved configuration's `notes` (what the run changed in the recipe, or doubts about
+    it), one printed line each, after print_config: printed, not Python warnings, which job
+    scripts often filter. --dry-run shows them inside the YAML instead."""
+    if rank_zero_only.rank == 0:
+        for line in resolved.get("notes", []):
+            print(line, flush=True)
 
 
 def write_config(output, resolved):

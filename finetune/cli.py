@@ -194,8 +194,8 @@ def recipe_values(cfg):
 
 
 def fit_to_data(cfg, rv, images):
-    """Fit the recipe, written for ImageNet, to a training set of `images`, in `rv`, printing one
-    line per change:
+    """Fit the recipe, written for ImageNet, to a training set of `images`, in `rv`, with one line
+    per change in rv["notes"] (printed by runs.print_notes):
 
     - effective batch: the recipe's is lowered, by lowering the accumulation (the per-device
       batch stays), until an epoch has at least runs.MIN_STEPS_PER_EPOCH optimizer steps or the
@@ -211,11 +211,13 @@ def fit_to_data(cfg, rv, images):
       epochs), else the lr would never leave the warmup.
     """
     recipe_cfg = recipe_values(cfg)
+    notes = rv.setdefault("notes", [])
     world, accumulate = rv["world_size"], rv["accumulate"]
     steps = runs.steps_per_epoch(images, cfg.batch_size, world, accumulate)
     if steps < runs.MIN_STEPS_PER_EPOCH:
         if cfg.accumulate is not None or cfg.effective_batch != recipe_cfg.effective_batch:
-            runs.warn_few_steps(steps, images, "lower --effective-batch (or --accumulate) or --batch-size")
+            notes.append(runs.few_steps_warning(steps, images,
+                                                "lower --effective-batch (or --accumulate) or --batch-size"))
         else:
             while accumulate > 1 and runs.steps_per_epoch(images, cfg.batch_size, world, accumulate) < \
                     runs.MIN_STEPS_PER_EPOCH:
@@ -223,8 +225,8 @@ def fit_to_data(cfg, rv, images):
             steps = runs.steps_per_epoch(images, cfg.batch_size, world, accumulate)
             effective_batch = cfg.batch_size * world * accumulate
             kept = "" if cfg.lr is not None else f" (lr stays the recipe's {rv['lr']:.3g})"
-            runs.notice(f"effective batch {rv['effective_batch']} -> {effective_batch}: {images:,} training images "
-                        f"give {steps} steps per epoch; pass --effective-batch to choose{kept}")
+            notes.append(f"effective batch {rv['effective_batch']} -> {effective_batch}: {images:,} training images "
+                         f"give {steps} steps per epoch; pass --effective-batch to choose{kept}")
             rv.update(accumulate=accumulate, effective_batch=effective_batch)
     rv["steps_per_epoch"] = steps
     total = steps * rv["epochs"] if cfg.max_steps < 0 else min(cfg.max_steps, steps * rv["epochs"])
@@ -233,17 +235,17 @@ def fit_to_data(cfg, rv, images):
     if decay is not None and 0 < total < 10 / (1 - decay):
         fitting = max(0.0, math.floor((1 - 10 / total) * 1e4) / 1e4)  # rounded down: still fits
         if cfg.ema_decay != recipe_cfg.ema_decay:
-            runs.notice(f"warning: --ema-decay {decay} averages over ~{1 / (1 - decay):,.0f} steps, longer than a "
-                        f"tenth of this run's {total:,} optimizer steps: the EMA will stay near the initial weights; "
-                        f"--ema-decay {fitting} fits")
+            notes.append(f"warning: --ema-decay {decay} averages over ~{1 / (1 - decay):,.0f} steps, longer than a "
+                         f"tenth of this run's {total:,} optimizer steps: the EMA will stay near the initial weights; "
+                         f"--ema-decay {fitting} fits")
         else:
-            runs.notice(f"EMA decay {decay} -> {fitting}: this run has {total:,} optimizer steps, fewer than 10 EMA "
-                        f"time constants (1 / (1 - decay) = {1 / (1 - decay):,.0f} steps); pass --ema-decay to choose")
+            notes.append(f"EMA decay {decay} -> {fitting}: this run has {total:,} optimizer steps, fewer than 10 EMA "
+                         f"time constants (1 / (1 - decay) = {1 / (1 - decay):,.0f} steps); pass --ema-decay to choose")
             rv["ema_decay"] = fitting
     if rv["warmup_epochs"] >= rv["epochs"] and rv["warmup_epochs"] > 0:
         warmup = rv["epochs"] / 5
-        runs.notice(f"warmup {rv['warmup_epochs']:g} epochs -> {warmup:g}: the run has {rv['epochs']} epochs, and a "
-                    f"warmup that long would never reach the lr; pass --warmup-epochs below --epochs to choose")
+        notes.append(f"warmup {rv['warmup_epochs']:g} epochs -> {warmup:g}: the run has {rv['epochs']} epochs, and a "
+                     f"warmup that long would never reach the lr; pass --warmup-epochs below --epochs to choose")
         rv["warmup_epochs"] = warmup
 
 
@@ -323,14 +325,16 @@ def train(cfg):
     warnings.filterwarnings("ignore", message="You defined a `validation_step` but have no `val_dataloader`")
     check(cfg)
     output = Path(default_output(cfg))
-    train_set, val_set, classes = datasets(cfg, output)
+    train_set, val_set, classes, note = datasets(cfg, output)
     rv = resolve(cfg, len(train_set))
+    rv["notes"] = ([note] if note else []) + rv["notes"]
     ckpt_path = runs.resume_checkpoint("finetune", cfg, output,
                                        {"arch": cfg.model, "in_chans": cfg.in_chans, "linear_probe": cfg.linear_probe})
     rv["resume_from"] = ckpt_path
     runs.print_config(rv)
     if cfg.dry_run:
         return None
+    runs.print_notes(rv)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
 
     # The release's head init for training from scratch is 0.001x; a pre-trained trunk gets a
@@ -382,12 +386,12 @@ def train(cfg):
 
 
 def datasets(cfg, output):
-    """(train set, val set or None, class names): DIR/train and DIR/val, or without val/ a
-    held-out part of train/ (listed in OUTPUT/val_split.txt), or with --val-split 0 no val set."""
+    """(train set, val set or None, class names, a note or None): DIR/train and DIR/val, or without
+    val/ a held-out part of train/ (listed in OUTPUT/val_split.txt), or with --val-split 0 none."""
     train_tf = data.train_transform(cfg.input_size, cfg.in_chans, recipe(cfg)["aa"], recipe(cfg)["reprob"])
     eval_tf = data.eval_transform(cfg.input_size, cfg.in_chans, cfg.crop_pct)
     train_set = data.image_folder(cfg.data, "train", train_tf, cfg.in_chans, cfg.strict_data)
-    classes = train_set.classes
+    classes, note = train_set.classes, None
     if (Path(cfg.data) / "val").is_dir():
         val_set = data.image_folder(cfg.data, "val", eval_tf, cfg.in_chans, cfg.strict_data)
         data.check_classes(train_set, val_set)
@@ -399,8 +403,8 @@ def datasets(cfg, output):
         kept, held = data.held_out_split(train_set, cfg.val_split, cfg.seed, split_file if reused else None)
         if not reused and not cfg.dry_run and rank_zero_only.rank == 0:
             data.write_split(split_file, train_set, held)
-        runs.notice(f"no {cfg.data}/val: {'reusing the' if reused else 'holding out a stratified'} {len(held)} of "
-            f"{len(train_set)} train/ images for validation, listed in {split_file}")
+        note = (f"no {cfg.data}/val: {'reusing the' if reused else 'holding out a stratified'} {len(held)} of "
+                f"{len(train_set)} train/ images for validation, listed in {split_file}")
         val_set = copy.copy(train_set)
         val_set.transform = eval_tf
         train_set, val_set = Subset(train_set, kept), Subset(val_set, held)
@@ -410,7 +414,7 @@ def datasets(cfg, output):
     if len(train_set) < cfg.batch_size * world:
         raise UserError(f"train/ has {len(train_set)} images, fewer than one batch of {cfg.batch_size} x {world} "
                         f"device(s): lower --batch-size")
-    return train_set, val_set, classes
+    return train_set, val_set, classes, note
 
 
 def report(module, output, val_set, classes, cfg, best):

@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+import yaml
 from helpers import TINY, labelled_images
 from PIL import Image
 
@@ -54,54 +55,54 @@ def test_steps_per_epoch_count_devices_and_drop_last():
     assert runs.steps_per_epoch(1152, 16, 1, 4) == 18  # 72 batches, a partial window steps too
 
 
-def test_recipe_effective_batch_comes_down_until_20_steps_per_epoch(capsys):
+def test_recipe_effective_batch_comes_down_until_20_steps_per_epoch():
     rv = resolve(parse("--model", "atto", "--data", "x", "--devices", "1", "--batch-size", "16"), train_images=1152)
     # 72 batches: accumulation 4 would give 18 steps, 3 gives 24
     assert (rv["accumulate"], rv["effective_batch"], rv["steps_per_epoch"]) == (3, 48, 24)
     assert rv["lr"] == pytest.approx(2e-4 * 1024 / 256)  # the recipe's lr, not scaled down with the batch
     assert ("effective batch 1024 -> 48: 1,152 training images give 24 steps per epoch; "
-            "pass --effective-batch to choose (lr stays the recipe's 0.0008)") in capsys.readouterr().err
+            "pass --effective-batch to choose (lr stays the recipe's 0.0008)") in rv["notes"]
     # the issue's own line: accumulation reaches 1 before 20 steps
     rv = resolve(parse("--model", "atto", "--data", "x", "--devices", "1", "--batch-size", "64"), train_images=1152)
     assert (rv["accumulate"], rv["effective_batch"]) == (1, 64)
     assert ("effective batch 1024 -> 64: 1,152 training images give 18 steps per epoch; "
-            "pass --effective-batch to choose") in capsys.readouterr().err
+            "pass --effective-batch to choose (lr stays the recipe's 0.0008)") in rv["notes"]
     # enough data: the recipe stands, nothing printed
     rv = resolve(parse("--model", "atto", "--data", "x", "--devices", "1", "--batch-size", "16"),
                  train_images=1_281_167)
-    assert rv["effective_batch"] == 1024 and rv["ema_decay"] == 0.9999 and capsys.readouterr().err == ""
+    assert rv["effective_batch"] == 1024 and rv["ema_decay"] == 0.9999 and rv["notes"] == []
 
 
 @pytest.mark.parametrize("flags", [["--effective-batch", "256"], ["--accumulate", "8"]])
-def test_an_explicit_batch_is_kept_with_a_warning(flags, capsys):
+def test_an_explicit_batch_is_kept_with_a_warning(flags):
     rv = resolve(parse("--model", "atto", "--data", "x", "--devices", "1", "--batch-size", "32", *flags),
                  train_images=2000)
     assert rv["effective_batch"] == 256 and rv["steps_per_epoch"] == 8 and rv["lr"] == pytest.approx(2e-4)
-    err = capsys.readouterr().err
+    err = "\n".join(rv["notes"])
     assert "warning: 2,000 training images give 8 optimizer steps per epoch (fewer than 20)" in err
     assert "effective batch 1024 ->" not in err
 
 
-def test_short_runs_get_an_ema_that_fits_and_explicit_decays_a_warning(capsys):
+def test_short_runs_get_an_ema_that_fits_and_explicit_decays_a_warning():
     rv = resolve(parse("--model", "atto", "--data", "x", "--devices", "1", "--batch-size", "16", "--epochs", "6"),
                  train_images=96)
     assert rv["total_steps"] == 36 and rv["ema_decay"] == 0.7222  # 1 - 10/36, rounded down
-    assert "EMA decay 0.9999 -> 0.7222: this run has 36 optimizer steps" in capsys.readouterr().err
+    assert any(n.startswith("EMA decay 0.9999 -> 0.7222: this run has 36 optimizer steps") for n in rv["notes"])
     rv = resolve(parse("--model", "atto", "--data", "x", "--devices", "1", "--batch-size", "16", "--epochs", "6",
                        "--ema-decay", "0.99"), train_images=96)
     assert rv["ema_decay"] == 0.99
-    assert "--ema-decay 0.7222 fits" in capsys.readouterr().err
+    assert rv["notes"][-1].startswith("warning: --ema-decay 0.99") and rv["notes"][-1].endswith("--ema-decay 0.7222 fits")
     # --max-steps shortens the run the EMA has to fit
     rv = resolve(parse("--model", "atto", "--data", "x", "--devices", "1", "--batch-size", "16", "--epochs", "6",
                        "--max-steps", "20"), train_images=96)
     assert rv["total_steps"] == 20 and rv["ema_decay"] == 0.5
 
 
-def test_warmup_longer_than_the_run_is_clamped(capsys):
+def test_warmup_longer_than_the_run_is_clamped():
     rv = resolve(parse("--model", "base", "--data", "x", "--devices", "1", "--batch-size", "16", "--epochs", "5"),
                  train_images=5000)
     assert rv["warmup_epochs"] == 1.0  # the recipe's 20 of a 5-epoch run: a fifth of it
-    assert "warmup 20 epochs -> 1: the run has 5 epochs" in capsys.readouterr().err
+    assert rv["notes"][-1].startswith("warmup 20 epochs -> 1: the run has 5 epochs")
     rv = resolve(parse("--model", "base", "--data", "x", "--devices", "1", "--epochs", "30"), train_images=5000)
     assert rv["warmup_epochs"] == 20
 
@@ -113,9 +114,9 @@ def test_pretrain_warns_about_few_steps_per_epoch(tmp_path, capsys):
         "--model", "atto", "--data", str(folder / "train"), "--input-size", "64", "--batch-size", "4",
         "--accumulate", "2", "--accelerator", "cpu", "--devices", "1", "--output", str(tmp_path / "pt"),
         "--dry-run"], "atto")))
-    out = capsys.readouterr()
-    assert "warning: 24 training images give 3 optimizer steps per epoch (fewer than 20)" in out.err
-    assert "lower --accumulate or --batch-size" in out.err
+    printed = yaml.safe_load(capsys.readouterr().out)  # --dry-run: the notes are in the YAML
+    assert printed["notes"][0].startswith("warning: 24 training images give 3 optimizer steps per epoch (fewer than 20)")
+    assert printed["notes"][0].endswith("lower --accumulate or --batch-size")
 
 
 @pytest.mark.parametrize("flags, message", [
@@ -219,7 +220,7 @@ def test_resume_reuses_the_split(small_run, capsys):
     before = (out / "val_split.txt").read_text()
     again = finetune("--data", str(root / "d"), "--output", str(out), "--epochs", "3", "--clip-grad", "1.0",
                      "--lr", "2e-3", "--val-split", "0.3")
-    assert "reusing the 3 of 36 train/ images" in capsys.readouterr().err
+    assert "reusing the 3 of 36 train/ images" in capsys.readouterr().out
     assert (out / "val_split.txt").read_text() == before
     assert [row["epoch"] for row in again["history"]] == [2]
     assert again["best"]["top1"] >= result["best"]["top1"]  # the best so far survives the resume
@@ -233,7 +234,10 @@ def test_val_split_0_trains_on_everything_without_validation(tmp_path, capsys):
     assert result["module"].trainer.global_step == 2 * 4  # all 16 images, batch 4
     assert all(row["top1"] is None and row["train_loss"] > 0 for row in result["history"])
     assert result["best"] is None and not (out / "val_split.txt").exists() and not (out / "confusion.png").exists()
-    assert "best.ckpt and classifier_best.safetensors are the last weights" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "best.ckpt and classifier_best.safetensors are the last weights" in printed
+    # the fitted plan is printed as one line (after the configuration)
+    assert "\neffective batch 1024 -> 4: 16 training images give 4 steps per epoch; pass --effective-batch" in printed
     best, last = (read_weights(out / n, trust=False) for n in ("classifier_best.safetensors", "classifier.safetensors"))
     assert all(torch.equal(best.state[k], last.state[k]) for k in last.state)
     assert (out / "checkpoints" / "best.ckpt").is_file() and is_png(out / "curves.png")
@@ -266,7 +270,7 @@ def test_eval_prints_the_table_and_saves_the_confusion_png(small_run, capsys, tm
 
 # ----------------------------------------------------------------------------- learnability
 
-LEARN_STEPS = 60  # the budget, in optimizer steps: 10 epochs of 100 images at batch 16 (drop_last: 6 a epoch)
+LEARN_STEPS = 90  # the budget, in optimizer steps: 15 epochs of 100 images at batch 16 (drop_last: 6 an epoch)
 
 
 def plain_loop(root, steps, batch_size=16):
@@ -301,13 +305,16 @@ def plain_loop(root, steps, batch_size=16):
 @pytest.mark.slow
 def test_recipe_defaults_learn_what_a_plain_loop_learns_in_the_same_budget(tmp_path):
     """5 classes x 20 images (coloured shapes, 32 px) with val/: the plain loop passes 90% within
-    60 steps; `fcmae finetune` given only data, size, batch and epochs (the atto recipe: its
+    90 steps; `fcmae finetune` given only data, size, batch and epochs (the atto recipe: its
     augmentation, layer decay, weight decay, smoothing, EMA) must too. Before the recipe fitted
-    itself to the data it made 1 step per epoch (10 in all) and stayed far below."""
+    itself to the data it made 1 step per epoch (15 in all) and stayed below (84% in 10 epochs), as it
+    does with the lr scaled down with the batch (68%)."""
     root = labelled_images(tmp_path / "d", classes=5, per_class=20, size=32, val_per_class=10)
-    assert plain_loop(root, LEARN_STEPS) >= 90
+    plain = plain_loop(root, LEARN_STEPS)
+    print(f"plain loop: best val top-1 {plain:.1f}")
+    assert plain >= 90
     result = train(build_parser().parse_args(with_recipe("finetune", [
-        "--model", "atto", "--data", str(root), "--input-size", "32", "--batch-size", "16", "--epochs", "10",
+        "--model", "atto", "--data", str(root), "--input-size", "32", "--batch-size", "16", "--epochs", "15",
         "--workers", "0", "--accelerator", "cpu", "--devices", "1", "--output", str(tmp_path / "run")], "atto")))
     assert result["module"].trainer.global_step == LEARN_STEPS
     assert result["best"]["top1"] >= 90
