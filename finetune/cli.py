@@ -304,7 +304,7 @@ class BestCheckpoint(Callback):
         if self.best["top1"] is not None and top1 <= self.best["top1"]:
             return
         self.best = {"top1": top1, "ema": ema, "epoch": trainer.current_epoch}
-        trainer.save_checkpoint(self.output / "checkpoints" / "best.ckpt")  # every rank takes part
+        trainer.save_checkpoint(self.output / "checkpoints" / "best.ckpt", weights_only=False)  # on every rank
         if trainer.is_global_zero:
             write_classifier(module, self.output / "classifier_best.safetensors", ema, top1,
                              best_epoch=trainer.current_epoch)
@@ -378,7 +378,7 @@ def train(cfg):
                   f"checkpoints/best.ckpt and classifier_best.safetensors are the last weights")
             write_classifier(module, output / "classifier_best.safetensors", False, None)
     if best is None:
-        trainer.save_checkpoint(output / "checkpoints" / "best.ckpt")
+        trainer.save_checkpoint(output / "checkpoints" / "best.ckpt", weights_only=False)
     if trainer.is_global_zero:
         report(module, output, val_set, classes, cfg, best)
     return {"history": summary.history, "output": output, "classifier": output / "classifier.safetensors",
