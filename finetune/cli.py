@@ -1,5 +1,6 @@
 """`fcmae finetune`: train the dense ConvNeXt V2 classifier on DIR/train, report top-1/top-5 of
-the raw weights and of their EMA on DIR/val every epoch.
+the raw weights and of their EMA on DIR/val (or, without val/, on a held-out part of train/)
+every epoch.
 
     fcmae finetune --model base --data /path/to/imagenet-1k --pretrained FILE --output runs/ft-base
 
@@ -7,7 +8,9 @@ The size's recipe (configs/finetune/<model>.yaml) is read first; command-line op
 it. `--linear-probe` trains only a linear head on the frozen encoder (MAE's protocol, values
 from `probe.*`). Without `--pretrained` it trains from scratch (the supervised baseline). A run
 resumes from <output>/checkpoints/last.ckpt when present and ends by writing the classifier in
-the public dense layout, <output>/classifier.safetensors (and classifier_ema.safetensors).
+the public dense layout, <output>/classifier.safetensors (and classifier_ema.safetensors), the
+best one so far (classifier_best.safetensors, checkpoints/best.ckpt), a per-class table,
+confusion.png and curves.png. The recipe fits itself to a small training set (`fit_to_data`).
 """
 import copy
 import json
@@ -388,7 +391,8 @@ def train(cfg):
 def datasets(cfg, output):
     """(train set, val set or None, class names, a note or None): DIR/train and DIR/val, or without
     val/ a held-out part of train/ (listed in OUTPUT/val_split.txt), or with --val-split 0 none."""
-    train_tf = data.train_transform(cfg.input_size, cfg.in_chans, recipe(cfg)["aa"], recipe(cfg)["reprob"])
+    r = recipe(cfg)
+    train_tf = data.train_transform(cfg.input_size, cfg.in_chans, r["aa"], r["reprob"])
     eval_tf = data.eval_transform(cfg.input_size, cfg.in_chans, cfg.crop_pct)
     train_set = data.image_folder(cfg.data, "train", train_tf, cfg.in_chans, cfg.strict_data)
     classes, note = train_set.classes, None
