@@ -90,8 +90,8 @@ def build_parser():
                    help="keep an EMA of the weights and evaluate it beside them (--no-ema: off)")
     g.add_argument("--ema-decay", type=float, default=0.9999,
                    help="EMA decay per optimizer step. A run shorter than 10 time constants (1 / (1 - decay) "
-                        "steps) gets the recipe's value lowered to 1 - 10 / steps; a value you pass is kept, "
-                        "with a warning")
+                        "steps) gets the recipe's value lowered to 1 - 10 / steps (at least 0.5); a value you pass "
+                        "is kept, with a warning")
     g.add_argument("--clip-grad", type=Optional[float], default=None,
                    help="clip the gradients' total norm to NORM before each optimizer step (the release's "
                         "clip_grad); null: no clipping")
@@ -236,7 +236,9 @@ def fit_to_data(cfg, rv, images):
     rv["total_steps"] = total
     decay = rv["ema_decay"]
     if decay is not None and 0 < total < 10 / (1 - decay):
-        fitting = max(0.0, math.floor((1 - 10 / total) * 1e4) / 1e4)  # rounded down: still fits
+        # Rounded down, so it still fits; at least 0.5 (a 2-step average), so that a run of a few
+        # steps keeps an EMA to evaluate rather than a decay of 0, which turns it off.
+        fitting = max(0.5, math.floor((1 - 10 / total) * 1e4) / 1e4)
         if cfg.ema_decay != recipe_cfg.ema_decay:
             notes.append(f"warning: --ema-decay {decay} averages over ~{1 / (1 - decay):,.0f} steps, longer than a "
                          f"tenth of this run's {total:,} optimizer steps: the EMA will stay near the initial weights; "

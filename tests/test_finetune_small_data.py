@@ -96,6 +96,9 @@ def test_short_runs_get_an_ema_that_fits_and_explicit_decays_a_warning():
     rv = resolve(parse("--model", "atto", "--data", "x", "--devices", "1", "--batch-size", "16", "--epochs", "6",
                        "--max-steps", "20"), train_images=96)
     assert rv["total_steps"] == 20 and rv["ema_decay"] == 0.5
+    rv = resolve(parse("--model", "atto", "--data", "x", "--devices", "1", "--batch-size", "16", "--epochs", "6",
+                       "--max-steps", "2"), train_images=96)
+    assert rv["ema_decay"] == 0.5  # never 0, which would turn the EMA off
 
 
 def test_warmup_longer_than_the_run_is_clamped():
