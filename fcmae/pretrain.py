@@ -199,10 +199,14 @@ def fit(cfg):
                 "lr": cfg.lr if cfg.lr is not None else cfg.blr * eff_batch / 256,
                 "steps_per_epoch": steps_per_epoch, "total_steps": total_steps,
                 "warmup_steps": warmup_steps, "resume_from": ckpt_path}
+    few = runs.few_steps_warning(steps_per_epoch, data.epoch_samples, "lower --accumulate or --batch-size")
+    if few:
+        resolved["notes"] = [few]
     require_backend(resolved["backend"], trainer.strategy.root_device)  # what `auto` picked, on this device
     runs.print_config(resolved)
     if cfg.dry_run:
         return trainer, None
+    runs.print_notes(resolved)
 
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     module = PretrainModule(

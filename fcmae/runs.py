@@ -8,6 +8,7 @@ A training command adds the flag groups to its parser (`add_hardware_flags`,
 `resume_checkpoint`, `print_config` (returning there with --dry-run), `make_trainer` and `fit`.
 """
 import logging
+import math
 import os
 from contextlib import contextmanager
 from pathlib import Path
@@ -90,6 +91,31 @@ def check(cfg, *at_least_one):
             raise UserError(f"--{name.replace('_', '-')} {cfg[name]}: must be at least 1")
     if cfg.workers < 0:
         raise UserError(f"--workers {cfg.workers}: must be 0 (load in the training process) or more")
+
+
+# ----------------------------------------------------------------------------- steps per epoch
+
+# Fewer optimizer steps per epoch than this and an epoch-based schedule (warmup, cosine, EMA,
+# one validation per epoch) has too few points to do its job: a small dataset at the recipe's
+# effective batch of 1024 gets one step per epoch.
+MIN_STEPS_PER_EPOCH = 20
+
+
+def steps_per_epoch(images, batch_size, world, accumulate):
+    """Optimizer steps in an epoch of `images` shared by `world` processes: each rank gets an
+    equal share (the distributed sampler pads), drops its last partial batch, and steps once per
+    `accumulate` batches (a partial window at the epoch's end steps too)."""
+    batches = math.ceil(images / world) // batch_size
+    return math.ceil(batches / accumulate)
+
+
+def few_steps_warning(steps, images, fix):
+    """The warning line when an epoch has fewer than MIN_STEPS_PER_EPOCH optimizer steps (else
+    None); `fix` says which flags change it. Goes into the run's notes (`print_notes`)."""
+    if steps < MIN_STEPS_PER_EPOCH:
+        return (f"warning: {images:,} training images give {steps} optimizer step{'s' * (steps != 1)} per epoch "
+                f"(fewer than {MIN_STEPS_PER_EPOCH}), too few for the schedule to work with; {fix}")
+    return None
 
 
 # ----------------------------------------------------------------------------- hardware
@@ -236,6 +262,15 @@ def print_config(resolved):
     command stops after this."""
     if rank_zero_only.rank == 0:
         print(yaml.safe_dump(resolved, sort_keys=False), end="", flush=True)
+
+
+def print_notes(resolved):
+    """The resolved configuration's `notes` (what the run changed in the recipe, or doubts about
+    it), one printed line each, after print_config: printed, not Python warnings, which job
+    scripts often filter. --dry-run shows them inside the YAML instead."""
+    if rank_zero_only.rank == 0:
+        for line in resolved.get("notes", []):
+            print(line, flush=True)
 
 
 def write_config(output, resolved):

@@ -264,6 +264,8 @@ class FinetuneData(L.LightningDataModule):
                       sampler=sampler, generator=self.generator())
 
     def val_dataloader(self):
+        if self.val is None:  # --val-split 0: train on everything, no validation
+            return []
         trainer = self.trainer
         sampler = None
         if trainer.world_size > 1:
@@ -291,3 +293,38 @@ def stratified_split(labels, fraction, seed=0):
         held += idx[:n].tolist()
         kept += idx[n:].tolist()
     return sorted(kept), sorted(held)
+
+
+def held_out_split(dataset, fraction, seed, list_file):
+    """(train indices, held-out indices) of `dataset` for a folder without val/: a stratified,
+    seeded `fraction` of each class, its files (relative to the dataset root) listed in
+    `list_file` by `write_split`. If `list_file` (optional) exists, its files are held out again
+    (a resumed run validates on the same images)."""
+    root = Path(dataset.root)
+    paths = [str(Path(dataset.paths[i]).relative_to(root)) for i in range(len(dataset))]
+    if list_file is not None and Path(list_file).is_file():
+        list_file = Path(list_file)
+        held_names = [line for line in list_file.read_text().splitlines() if line]
+        index = {p: i for i, p in enumerate(paths)}
+        missing = [p for p in held_names if p not in index]
+        if missing:
+            raise UserError(f"{list_file} holds out {len(missing)} file(s) no longer in {root} (e.g. {missing[0]}): "
+                            f"put them back, or start over with --no-resume or another --output")
+        held = sorted(index[p] for p in held_names)
+        held_set = set(held)
+        return [i for i in range(len(paths)) if i not in held_set], held
+    counts = torch.bincount(torch.as_tensor(dataset.targets), minlength=len(dataset.classes))
+    few = [name for name, n in zip(dataset.classes, counts.tolist()) if n < 2]
+    if few:
+        raise UserError(f"{root}: class{'es' * (len(few) > 1)} {', '.join(few[:10])} "
+                        f"{'have' if len(few) > 1 else 'has'} fewer than 2 images, too few to hold one out for "
+                        f"validation: add images, add a val/ folder, or pass --val-split 0")
+    kept, held = stratified_split(dataset.targets, fraction, seed)
+    return kept, held
+
+
+def write_split(list_file, dataset, held):
+    """The held-out files, one path (relative to the dataset root) a line, atomically."""
+    from fcmae.files import write_atomic
+    root = Path(dataset.root)
+    write_atomic(list_file, "".join(f"{Path(dataset.paths[i]).relative_to(root)}\n" for i in held))

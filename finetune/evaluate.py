@@ -5,9 +5,15 @@
 The checkpoint may be our fine-tuning last.ckpt (raw weights, or the EMA with --ema), the
 classifier.safetensors a run writes, or a dense fine-tuned checkpoint of the public release.
 The architecture is read off the weights; the data is DIR/val (or DIR itself if it is a bare
-tree of class folders).
+tree of class folders). It also prints per-class accuracy and the confusion matrix, and saves
+the matrix as a PNG next to the checkpoint (<checkpoint name>_confusion.png; --confusion FILE
+to choose).
 """
+from pathlib import Path
+
 from typing import Optional
+
+import torch
 
 from jsonargparse import ActionConfigFile, ArgumentParser
 
@@ -17,6 +23,7 @@ from fcmae.encoders import ConvNeXtV2
 from fcmae.errors import UserError
 from fcmae.finetune import data
 from fcmae.finetune.module import FinetuneModule
+from fcmae.finetune.report import confusion_update, per_class_table, plot_confusion
 
 
 def build_parser():
@@ -32,6 +39,9 @@ def build_parser():
     p.add_argument("--input-size", type=Optional[int], default=None, help="default: the training run's, else 224")
     p.add_argument("--crop-pct", type=Optional[float], default=None, help="resize = input / crop_pct (default 224/256)")
     p.add_argument("--batch-size", type=int, default=64, help="per device")
+    p.add_argument("--confusion", type=Optional[str], default=None,
+                   help="where to save the confusion matrix PNG (default: <checkpoint name>_confusion.png next "
+                        "to the checkpoint)")
     runs.add_hardware_flags(p, devices=1, strategy=False)
     return p
 
@@ -58,13 +68,33 @@ def evaluate(cfg):
     classifier.load_state_dict(weights.state)
     trainer = runs.hardware_trainer(cfg, logger=False, enable_checkpointing=False,
                                     precision=runs.make_precision(cfg.precision))
-    metrics = trainer.validate(FinetuneModule(classifier), data.loader(val, cfg.batch_size, cfg.workers, train=False),
-                               verbose=False)[0]
+    module = ConfusionEval(classifier, num_classes)
+    metrics = trainer.validate(module, data.loader(val, cfg.batch_size, cfg.workers, train=False), verbose=False)[0]
     out = {"top1": metrics["val/top1"], "top5": metrics["val/top5"], "loss": metrics["val/loss"], "images": len(val)}
     which = "EMA weights" if cfg.ema else "weights"
     print(f"{cfg.checkpoint} ({which}, {input_size}px): top-1 {out['top1']:.2f}  top-5 {out['top5']:.2f}  "
           f"loss {out['loss']:.4f} on {len(val)} images")
+    out["confusion"] = module.confusion.cpu()
+    if trainer.is_global_zero:
+        print(per_class_table(out["confusion"], val.classes))
+        path = cfg.confusion or Path(cfg.checkpoint).with_name(Path(cfg.checkpoint).stem + "_confusion.png")
+        print(f"wrote {plot_confusion(out['confusion'], val.classes, path, f'{Path(cfg.checkpoint).name} ({which})')}")
     return out
+
+
+class ConfusionEval(FinetuneModule):
+    """FinetuneModule's validation, also counting a confusion matrix (summed over ranks)."""
+
+    def __init__(self, model, num_classes):
+        super().__init__(model)
+        self.register_buffer("confusion", torch.zeros(num_classes, num_classes, dtype=torch.int64), persistent=False)
+
+    def _evaluate(self, name, logits, y):
+        super()._evaluate(name, logits, y)
+        confusion_update(self.confusion, logits.detach(), y)  # logits: (B, K)
+
+    def on_validation_epoch_end(self):
+        self.confusion = self.trainer.strategy.reduce(self.confusion, reduce_op="sum")
 
 
 def run(cfg):
