@@ -2,16 +2,19 @@
 counts of unreadable files skipped, and reconstruction grids (original / masked input /
 reconstruction)."""
 import os
+import random
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.callbacks import Callback
 from torchvision.utils import make_grid, save_image
 
-from fcmae.checkpoints import atomic_write, load, save_torch
+from fcmae.checkpoints import load, save_torch
 from fcmae.data import SKIPPED_FILES_ENV
+from fcmae.files import atomic_write
 from fcmae.masking import PATCH_SIZE, patchify, unpatchify
 
 
@@ -220,3 +223,33 @@ class Reconstructions(Callback):
 
     def on_train_end(self, trainer, pl_module):
         self.write(trainer, pl_module)
+
+
+# ----------------------------------------------------------------------------- random state
+
+class RandomState(Callback):
+    """Keeps the training process's RNG states in every checkpoint and restores them on resume,
+    so what draws from them (drop path from torch's, Mixup/CutMix from numpy's) continues as in
+    an uninterrupted run. The loaders' augmentations are seeded per sample instead (fcmae/data.py
+    `seeded`). Stored as tensors and numbers: checkpoints still load without unpickling code."""
+
+    def state_dict(self):
+        _, keys, pos, has_gauss, gauss = np.random.get_state()
+        version, internal, gauss_next = random.getstate()
+        states = {"torch": torch.get_rng_state(),
+                  "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": pos, "has_gauss": has_gauss,
+                            "gauss": gauss},
+                  "python": {"version": version, "internal": torch.tensor(internal, dtype=torch.int64),
+                             "gauss_next": gauss_next}}
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            states["cuda"] = torch.cuda.get_rng_state()  # this rank's device
+        return states
+
+    def load_state_dict(self, states):
+        torch.set_rng_state(states["torch"])
+        n = states["numpy"]
+        np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
+        p = states["python"]
+        random.setstate((p["version"], tuple(p["internal"].tolist()), p["gauss_next"]))
+        if "cuda" in states and torch.cuda.is_available():
+            torch.cuda.set_rng_state(states["cuda"])

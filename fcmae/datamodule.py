@@ -121,7 +121,10 @@ class PretrainData(L.LightningDataModule):
         self.sampler.skip = batches_done * self.batch_size
         return DataLoader(CountingViews(self.dataset), batch_size=self.batch_size, sampler=self.sampler, drop_last=True,
                           num_workers=self.workers, pin_memory=self.pin_memory,
-                          persistent_workers=self.workers > 0, worker_init_fn=worker_init)
+                          persistent_workers=self.workers > 0, worker_init_fn=worker_init,
+                          # its own generator for the workers' seeds: the global one, which drop path
+                          # draws from, travels with the checkpoint (RandomState) and must not move here
+                          generator=torch.Generator().manual_seed(self.seed))
 
     def position(self, trainer):
         """(epoch, batches of it already trained on) where this run starts (`resume_position`)."""

@@ -22,7 +22,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.plugins.environments import SLURMEnvironment
 from lightning.pytorch.utilities import rank_zero_only
 
-from fcmae.callbacks import AtomicCheckpointIO, LastCheckpoint, SkippedFiles
+from fcmae.callbacks import AtomicCheckpointIO, LastCheckpoint, RandomState, SkippedFiles
 from fcmae.checkpoints import read_run_checkpoint
 from fcmae.files import atomic_write
 from fcmae.errors import NonFiniteLoss, UserError
@@ -163,6 +163,7 @@ def make_trainer(cfg, output, callbacks, epochs, accumulate, **kwargs):
     <output>/tensorboard, SkippedFiles (our data loaders end every batch with a skip count; the
     files are listed in <output>/skipped_files.txt),
     StopOnSignal (a scheduler's signal saves <output>/checkpoints/last.ckpt and stops the run),
+    RandomState (the RNG states travel with the checkpoint),
     `epochs` and `accumulate` as the command resolved them; `kwargs` go to L.Trainer."""
     plugins = [AtomicCheckpointIO()]
     if SLURMEnvironment.detect():
@@ -174,7 +175,7 @@ def make_trainer(cfg, output, callbacks, epochs, accumulate, **kwargs):
         cfg, precision=make_precision(cfg.precision), max_epochs=epochs, max_steps=cfg.max_steps,
         accumulate_grad_batches=accumulate,
         logger=TensorBoardLogger(output, name="tensorboard", version="", default_hp_metric=False),
-        callbacks=[SkippedFiles(Path(output) / "skipped_files.txt"), stop, *callbacks], plugins=plugins,
+        callbacks=[SkippedFiles(Path(output) / "skipped_files.txt"), stop, RandomState(), *callbacks], plugins=plugins,
         log_every_n_steps=cfg.log_every,
         default_root_dir=output, **kwargs)
 

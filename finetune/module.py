@@ -5,10 +5,8 @@ owns the loop, devices, precision, checkpoints and logging.
 `self.model` is the dense ConvNeXtV2 and `self.model_ema` timm's ModelEmaV3 of it, so a
 checkpoint holds the classifier as `model.*` and its EMA as `model_ema.module.*`.
 """
-import random
 
 import lightning as L
-import numpy as np
 import torch
 import torch.nn as nn
 from timm.data import Mixup
@@ -92,13 +90,8 @@ class FinetuneModule(StepSchedule, L.LightningModule):
         self.log_dict({f"{name}/{k}": v for k, v in metrics.items()}, batch_size=len(y), sync_dist=True,
                       prog_bar=name == "val")
 
-    def on_save_checkpoint(self, checkpoint):
-        checkpoint["rng"] = rng_states(self.device)
-
     def on_load_checkpoint(self, checkpoint):
         super().on_load_checkpoint(checkpoint)
-        if "rng" in checkpoint:  # absent from checkpoints written before it was kept
-            set_rng_states(checkpoint["rng"])
         start_next_epoch(checkpoint)
 
     def optimizer_step(self, *args, **kwargs):
@@ -123,36 +116,6 @@ class FinetuneModule(StepSchedule, L.LightningModule):
         # Per-step cosine after a linear warmup from 0, as the release's schedule; each group's
         # lr_scale (layer decay) multiplies it.
         return {"optimizer": optimizer, "lr_scheduler": self.lr_schedule(optimizer, hp.warmup_epochs, hp.min_lr)}
-
-
-# Mixup/CutMix draw from numpy's RNG and drop path from torch's, in the training process; the
-# checkpoint keeps their states so a resumed run draws what the interrupted one would have
-# (the loader's augmentations are seeded per image instead: finetune/data.py). Kept as tensors
-# and numbers, which load without unpickling code.
-def rng_states(device):
-    """The training process's RNG states: torch's CPU generator (and `device`'s if CUDA),
-    numpy's and Python's `random`."""
-    _, keys, pos, has_gauss, gauss = np.random.get_state()
-    version, internal, gauss_next = random.getstate()
-    states = {"torch": torch.get_rng_state(),
-              "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": pos, "has_gauss": has_gauss,
-                        "gauss": gauss},
-              "python": {"version": version, "internal": torch.tensor(internal, dtype=torch.int64),
-                         "gauss_next": gauss_next}}
-    if device.type == "cuda":
-        states["cuda"] = torch.cuda.get_rng_state(device)
-    return states
-
-
-def set_rng_states(states):
-    """Restore `rng_states`; the CUDA state goes to the current device (each rank's), if any."""
-    torch.set_rng_state(states["torch"])
-    n = states["numpy"]
-    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
-    p = states["python"]
-    random.setstate((p["version"], tuple(p["internal"].tolist()), p["gauss_next"]))
-    if "cuda" in states and torch.cuda.is_available():
-        torch.cuda.set_rng_state(states["cuda"])
 
 
 def start_next_epoch(checkpoint):

@@ -59,3 +59,14 @@ def test_resume_with_two_loader_workers_matches_a_straight_run(tmp_path):
     init = weights(PretrainModule(**straight.hparams))
     key = "model.encoder.stages.0.0.pwconv1.weight"
     assert (a[key] - init[key]).abs().max() > 1e-4
+
+
+def test_resume_with_drop_path_matches_a_straight_run(tmp_path):
+    """Drop path draws from the training process's torch RNG: its state travels with the
+    checkpoint (RandomState), so a resumed run drops the same samples as a straight one."""
+    args = [*TINY, "--workers", "0", "--drop-path", "0.3", "--lr", "1e-3", "--warmup-epochs", "0.01", "--epochs", "4"]
+    _, straight = fit(parse(*args, "--max-steps", "4", "--output", str(tmp_path / "a")))
+    for stop in (2, 4):
+        _, resumed = fit(parse(*args, "--max-steps", str(stop), "--output", str(tmp_path / "b")))
+    a, b = weights(straight), weights(resumed)
+    assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-6
