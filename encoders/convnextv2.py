@@ -64,13 +64,21 @@ class GRN(nn.Module):
         return rows.scale_shift(x, scale, self.beta.view(-1))
 
 
+def match_grad_strides(module):
+    """Give every parameter's gradient the parameter's own strides (`grad_like`); returns module."""
+    for p in module.parameters():
+        if p.requires_grad and any(s == 1 for s in p.shape):
+            p.register_hook(grad_like(p))
+    return module
+
+
 def grad_like(param):
     """A gradient hook that gives `param`'s gradient `param`'s strides when both are contiguous
-    (then only the strides of size-1 dimensions can differ: the bytes are the same). A depthwise
-    kernel (C, 1, 7, 7) gets its gradient with channels-last strides from channels-last input (the
-    dense and sparse backends) and with contiguous ones from MinkowskiEngine; DDP compares strides
-    exactly, warns ("Grad strides do not match bucket view strides") and copies such gradients into
-    its buckets element by element."""
+    (then only the strides of size-1 dimensions can differ: the bytes are the same). Convolution
+    kernels with a size-1 dimension (the depthwise (C, 1, 7, 7), the decoder's 1x1) get gradients
+    with channels-last strides from channels-last input or from oneDNN's multi-threaded kernels;
+    DDP compares strides exactly, warns ("Grad strides do not match bucket view strides") and
+    copies such gradients into its buckets element by element."""
     def hook(grad):
         if grad.stride() != param.stride() and grad.is_contiguous() and param.is_contiguous():
             return grad.as_strided(param.shape, param.stride())  # a view: no copy
@@ -84,7 +92,6 @@ class Block(nn.Module):
     def __init__(self, dim, drop_path=0.0):
         super().__init__()
         self.dwconv = nn.Conv2d(dim, dim, kernel_size=7, padding=3, groups=dim)
-        self.dwconv.weight.register_hook(grad_like(self.dwconv.weight))
         self.norm = nn.LayerNorm(dim, eps=1e-6)
         self.pwconv1 = nn.Linear(dim, 4 * dim)
         self.act = nn.GELU()
@@ -144,6 +151,7 @@ class ConvNeXtV2(nn.Module):
         if num_classes > 0:
             self.head.weight.data.mul_(head_init_scale)
             self.head.bias.data.mul_(head_init_scale)
+        match_grad_strides(self)  # no gradient copies in DDP's buckets
 
     def forward_features(self, x):
         """(N, in_chans, H, W) -> last-stage feature map (N, C_last, H/32, W/32)."""

@@ -4,6 +4,7 @@ import torch.nn as nn
 
 from fcmae.decoders import FCMAEDecoder
 from fcmae.encoders import SparseConvNeXtV2
+from fcmae.encoders.convnextv2 import match_grad_strides
 from fcmae.loss import masked_patch_loss
 from fcmae.masking import PATCH_SIZE, check_mask_ratio, patchify, random_mask
 
@@ -21,6 +22,7 @@ class FCMAE(nn.Module):
         self.encoder = SparseConvNeXtV2(model, in_chans, drop_path_rate, backend)
         self.decoder = FCMAEDecoder(self.encoder.num_features, decoder_dim, decoder_depth,
                                     PATCH_SIZE, in_chans)
+        match_grad_strides(self)  # no gradient copies in DDP's buckets
 
     def forward(self, imgs, mask=None):
         """imgs (N, C, H, W) -> loss, pred (N, L, 32*32*C), mask (N, L) with 1 = masked."""
