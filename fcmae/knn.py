@@ -33,14 +33,7 @@ def build_parser():
     p.add_argument("--random-init", action="store_true", help="a randomly initialized encoder of --model instead")
     p.add_argument("--model", type=Literal[tuple(SIZES)], default="atto", help="size for --random-init")
     p.add_argument("--in-chans", type=int, default=3, help="input channels for --random-init (3 RGB, 1 grayscale)")
-    p.add_argument("--data", type=str, required=True,
-                   help="labelled images: DIR/train/<class>/<image> and DIR/val/<class>/<image>, "
-                        "or train/ alone (a stratified --val-split is held out)")
-    p.add_argument("--val-split", type=float, default=0.1, help="fraction of train/ held out when DIR has no val/")
-    p.add_argument("--max-train", type=Optional[int], default=None,
-                   help="cap the labelled train images (stratified); default: all")
-    p.add_argument("--k", type=int, default=20, help="neighbours that vote")
-    p.add_argument("--temperature", type=float, default=0.07, help="vote weight exp(cosine similarity / T)")
+    add_knn_flags(p, KNN_FLAGS)
     p.add_argument("--input-size", type=Optional[int], default=None,
                    help="eval crop side in pixels, a multiple of 32 (default: the checkpoint's training size, else 224)")
     p.add_argument("--batch-size", type=int, default=64)
@@ -53,6 +46,24 @@ def build_parser():
                    help="load a torch file that needs full unpickling: runs code from the file, so only for files you trust")
     p.add_argument("--seed", type=int, default=0, help="for --val-split, --max-train and --random-init")
     return p
+
+
+# The kNN options under `fcmae knn`'s names (`fcmae pretrain` names them --eval-* and --knn-*).
+KNN_FLAGS = {"data": "--data", "val_split": "--val-split", "max_train": "--max-train", "k": "--k",
+             "temperature": "--temperature"}
+
+
+def add_knn_flags(parser, flags, required=True):
+    """The labelled set and the kNN protocol, under the names `flags` gives them."""
+    parser.add_argument(flags["data"], type=str if required else Optional[str], required=required,
+                        default=None,
+                        help=f"labelled images: DIR/train/<class>/<image> and DIR/val/<class>/<image>, or train/ "
+                             f"alone (a stratified {flags['val_split']} is held out)")
+    parser.add_argument(flags["val_split"], type=float, default=0.1, help="fraction of train/ held out when DIR has no val/")
+    parser.add_argument(flags["max_train"], type=Optional[int], default=None,
+                        help="cap the labelled train images (stratified); default: all")
+    parser.add_argument(flags["k"], type=int, default=20, help="neighbours that vote")
+    parser.add_argument(flags["temperature"], type=float, default=0.07, help="vote weight exp(cosine similarity / T)")
 
 
 def check_knn(k, temperature, val_split, max_train, flag=("k", "temperature", "val-split", "max-train")):

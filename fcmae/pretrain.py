@@ -25,6 +25,7 @@ from fcmae.callbacks import LastCheckpoint, Reconstructions, Throughput
 from fcmae.datamodule import PretrainData
 from fcmae.encoders import BACKEND_CHOICES, SIZES, check_backend, resolve_backend
 from fcmae.errors import UserError
+from fcmae.knn import add_knn_flags
 from fcmae.module import PretrainModule
 from fcmae.optim import schedule_steps
 
@@ -75,15 +76,9 @@ def build_parser():
     g.add_argument("--betas", type=tuple[float, float], default=(0.9, 0.95))
     runs.add_hardware_flags(p)
     g = p.add_argument_group("evaluation", "a kNN monitor of the encoder's features on a small labelled set")
-    g.add_argument("--eval-data", type=Optional[str], default=None,
-                   help="labelled images: DIR/train/<class>/<image> and DIR/val/<class>/<image>, or train/ alone "
-                        "(a stratified --eval-val-split is held out); logs eval/knn_top1 and eval/knn_top5")
+    add_knn_flags(g, {"data": "--eval-data", "val_split": "--eval-val-split", "max_train": "--eval-max-train",
+                      "k": "--knn-k", "temperature": "--knn-temperature"}, required=False)
     g.add_argument("--eval-every", type=int, default=1, help="epochs between kNN evaluations (and one at the end)")
-    g.add_argument("--eval-max-train", type=Optional[int], default=None,
-                   help="cap the labelled train images (stratified); default: all")
-    g.add_argument("--eval-val-split", type=float, default=0.1, help="fraction of train/ held out when DIR has no val/")
-    g.add_argument("--knn-k", type=int, default=20, help="neighbours that vote")
-    g.add_argument("--knn-temperature", type=float, default=0.07, help="vote weight exp(cosine similarity / T)")
     g = runs.add_run_flags(p, output_help="run directory (default: runs/<model>[-demo])")
     g.add_argument("--vis-every", type=int, default=1000, help="steps between reconstruction grids")
     g.add_argument("--ckpt-every", type=int, default=1000, help="steps between last.ckpt updates")
