@@ -161,7 +161,7 @@ def print_table(results):
     labels = list(results)
     names = list(dict.fromkeys(name for per_block in results.values() for name in per_block))  # encoders may differ
     print("feature cosine distance per block (expansion layer / block output), higher = more diverse")
-    print(f"{'block':>6}  " + "  ".join(f"{label[-24:]:>24}" for label in labels))
+    print(f"{'block':>6}  " + "  ".join(f"{label[:24]:>24}" for label in labels))
     for name in names:
         cells = [f"{results[lb][name]['expansion']:.3f} / {results[lb][name]['output']:.3f}" if name in results[lb]
                  else "" for lb in labels]
@@ -246,7 +246,9 @@ def analyze(cfg):
         first = next(iter(encoders.values()), None)
         model = cfg.model or (({"depths": list(first.depths), "dims": list(first.dims)}) if first else "atto")
         in_chans = first.in_chans if first and not cfg.model else cfg.in_chans
-        name = model if isinstance(model, str) else "dims " + "-".join(map(str, model["dims"]))
+        name = model if isinstance(model, str) else next(
+            (n for n, (d, c) in SIZES.items() if [list(d), list(c)] == [model["depths"], model["dims"]]),
+            "dims " + "-".join(map(str, model["dims"])))
         encoders[f"random init ({name})"] = load_encoder(None, True, model, in_chans, cfg.seed)[0]
     in_chans = {e.in_chans for e in encoders.values()}
     if len(in_chans) > 1:
