@@ -97,7 +97,7 @@ def resolve(cfg):
     """Parsed flags -> the run's configuration: demo schedule, run directory."""
     cfg = cfg.clone()
     if cfg.data == "demo":
-        recipe = recipe_values(cfg)
+        recipe = runs.recipe_values(build_parser(), cfg)
         for key, value in DEMO.items():
             if cfg[key] == recipe[key]:
                 cfg[key] = value
@@ -105,14 +105,6 @@ def resolve(cfg):
     if cfg.output is None:
         cfg.output = f"runs/{cfg.model}-demo" if cfg.data == "demo" else f"runs/{cfg.model}"
     return cfg
-
-
-def recipe_values(cfg):
-    """What the recipe file(s) alone give, to tell the user's flags from recipe values."""
-    args = []
-    for path in cfg.get("config") or []:
-        args += ["--config", str(path)]
-    return build_parser().parse_args(args)
 
 
 def check(cfg):

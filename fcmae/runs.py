@@ -84,6 +84,15 @@ def add_run_flags(parser, output_help):
     return g
 
 
+def recipe_values(parser, cfg):
+    """What the recipe file(s) of `cfg` alone give (the parser's defaults without one), to tell
+    the user's flags from the recipe's values."""
+    args = []
+    for path in cfg.get("config") or []:
+        args += ["--config", str(path)]
+    return parser.parse_args(args)
+
+
 def check(cfg, *at_least_one):
     """Cheap checks of the shared flags, and of the command's `at_least_one` counts."""
     for name in ("batch_size", "epochs", "log_every", *at_least_one):

@@ -188,15 +188,6 @@ def resolve(cfg, train_images=None):
     return resolved
 
 
-def recipe_values(cfg):
-    """What the recipe file(s) alone give (the parser's defaults without one), to tell the
-    user's flags from the recipe's values."""
-    args = []
-    for path in cfg.get("config") or []:
-        args += ["--config", str(path)]
-    return build_parser().parse_args(args)
-
-
 def fit_to_data(cfg, rv, images):
     """Fit the recipe, written for ImageNet, to a training set of `images`, in `rv`, with one line
     per change in rv["notes"] (printed by runs.print_notes):
@@ -214,7 +205,7 @@ def fit_to_data(cfg, rv, images):
     - warmup longer than the run: clamped to a fifth of the run (the base recipe's 20 of 100
       epochs), else the lr would never leave the warmup.
     """
-    recipe_cfg = recipe_values(cfg)
+    recipe_cfg = runs.recipe_values(build_parser(), cfg)
     notes = rv.setdefault("notes", [])
     world, accumulate = rv["world_size"], rv["accumulate"]
     steps = runs.steps_per_epoch(images, cfg.batch_size, world, accumulate)
