@@ -27,7 +27,7 @@ from fcmae.data import list_files, load_image, read_or_skip
 from fcmae.encoders import SIZES
 from fcmae.errors import UserError
 from fcmae.features import cosine_distance
-from fcmae.files import write_atomic
+from fcmae.files import save_figure, write_atomic
 from fcmae.finetune.data import check_in_chans, eval_transform
 from fcmae.knn import load_encoder, pick_device
 
@@ -169,12 +169,6 @@ def print_table(results):
     means = [[sum(d[k] for d in results[lb].values()) / len(results[lb]) for k in ("expansion", "output")]
              for lb in labels]
     print(f"{'mean':>6}  " + "  ".join(f"{f'{e:.3f} / {o:.3f}':>24}" for e, o in means))
-
-
-def save_figure(fig, path):
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=120, bbox_inches="tight")
-    write_atomic(path, buf.getvalue())
 
 
 def plot_distances(results, path):

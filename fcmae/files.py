@@ -3,6 +3,7 @@ shard and listing goes to `<path>.tmp`, is fsynced, then renamed over `<path>` (
 a reader sees the old file or the whole new one), and the directory is fsynced so the rename
 itself survives a crash. A failure (a kill, a full disk) leaves the previous file whole."""
 import errno
+import io
 import os
 from pathlib import Path
 
@@ -61,3 +62,10 @@ def append_line(path, line):
         f.write(line.rstrip("\n") + "\n")
         f.flush()
         os.fsync(f.fileno())
+
+
+def save_figure(fig, path, dpi=120):
+    """A matplotlib figure as a PNG at `path`, atomically; returns the path."""
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi, bbox_inches="tight")
+    return write_atomic(path, buf.getvalue())

@@ -2,13 +2,12 @@
 as a PNG with the class names on its axes) and the run's curves from metrics.jsonl (train and
 val loss, val top-1 of the raw weights and the EMA, lr, per epoch). Written by `fcmae finetune`
 at the end of a run and by `fcmae eval`."""
-import io
 import json
 from pathlib import Path
 
 import torch
 
-from fcmae.files import write_atomic
+from fcmae.files import save_figure
 
 
 def confusion_update(cm, logits, y):
@@ -54,13 +53,6 @@ def _figure():
     return plt
 
 
-def _save(fig, path):
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
-    write_atomic(path, buf.getvalue())
-    return Path(path)
-
-
 def plot_confusion(cm, classes, path, title="confusion matrix"):
     """The confusion matrix as a PNG: rows normalized per true class, counts in the cells."""
     plt = _figure()
@@ -81,7 +73,7 @@ def plot_confusion(cm, classes, path, title="confusion matrix"):
                 ax.text(j, i, int(cm[i, j]), ha="center", va="center",
                         color="white" if rates[i, j] > 0.5 else "black", fontsize=8)
     fig.colorbar(im, ax=ax, fraction=0.046, label="fraction of the true class")
-    path = _save(fig, path)
+    path = save_figure(fig, path, dpi=100)
     plt.close(fig)
     return path
 
@@ -119,6 +111,6 @@ def plot_curves(metrics, path):
         ax.grid(alpha=0.3)
         if ax.lines:
             ax.legend()
-    path = _save(fig, path)
+    path = save_figure(fig, path, dpi=100)
     plt.close(fig)
     return path
