@@ -29,7 +29,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         save_torch(checkpoint, path)
 
     def load_checkpoint(self, path, map_location=None, weights_only=None):
-        # weights_only=False is Lightning's way of saying the file is trusted.
+        # Lightning passes weights_only False only when the caller trusts the file (--trust-checkpoint).
         return load(path, trust=weights_only is False)
 
 

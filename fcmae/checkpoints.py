@@ -66,11 +66,8 @@ def load(path, trust=False, mmap=False):
     try:
         if path.suffix == ".safetensors":
             return load_file(path)
-        if trust:
-            obj = torch.load(path, map_location="cpu", weights_only=False, mmap=mmap)
-        else:
-            with torch.serialization.safe_globals(SAFE_GLOBALS):
-                obj = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+        with torch.serialization.safe_globals(SAFE_GLOBALS):  # trust: full unpickling, the list is moot
+            obj = torch.load(path, map_location="cpu", weights_only=not trust, mmap=mmap)
     except pickle.UnpicklingError as e:
         # torch names the first global the file would call beyond the allowed ones; any other
         # refusal (an unknown opcode) means the file is not a torch checkpoint at all.

@@ -16,13 +16,14 @@ from typing import Literal, Optional
 
 import torch
 from jsonargparse import ArgumentParser
-from torch.utils.data import DataLoader, Subset
+from torch.utils.data import Subset
 
 from fcmae.encoders import SIZES
 from fcmae.errors import UserError
 from fcmae.features import dense_encoder, embed, knn_accuracy
 from fcmae.files import write_atomic
-from fcmae.finetune.data import check_classes, check_in_chans, eval_transform, image_folder, stratified_split
+from fcmae.finetune.data import (check_classes, check_in_chans, eval_transform, image_folder, loader,
+                                 stratified_split)
 from fcmae.runs import make_precision
 
 
@@ -114,17 +115,12 @@ def labelled_sets(data, input_size, in_chans=3, val_split=0.1, max_train=None, s
     return train, val, classes
 
 
-def loader(dataset, batch_size, workers):
-    return DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers,
-                      pin_memory=torch.cuda.is_available())
-
-
 def evaluate(encoder, train, val, num_classes, k=20, temperature=0.07, device="cpu", precision="32",
              batch_size=64, workers=0):
     """Embed both sets and classify val by weighted kNN: {"top1", "top5", "seconds", "train", "val"}."""
     start = time.perf_counter()
-    train_feats, train_labels = embed(encoder, loader(train, batch_size, workers), device, precision)
-    feats, labels = embed(encoder, loader(val, batch_size, workers), device, precision)
+    train_feats, train_labels = embed(encoder, loader(train, batch_size, workers, train=False), device, precision)
+    feats, labels = embed(encoder, loader(val, batch_size, workers, train=False), device, precision)
     result = knn_accuracy(train_feats, train_labels, feats, labels, num_classes, k, temperature)
     return {**result, "seconds": time.perf_counter() - start, "train": len(train), "val": len(val)}
 

@@ -12,13 +12,13 @@ from pathlib import Path
 
 import torch
 from lightning.pytorch.callbacks import Callback
-from torch.utils.data import DataLoader, Subset
+from torch.utils.data import Subset
 
 from fcmae.encoders import ConvNeXtV2
 from fcmae.features import embed, knn_accuracy, load_trunk
 from fcmae.files import append_line
+from fcmae.finetune.data import loader
 from fcmae.knn import labelled_sets
-from fcmae.preemption import worker_init
 
 
 class KnnMonitor(Callback):
@@ -48,10 +48,9 @@ class KnnMonitor(Callback):
         n, world, rank = len(dataset), trainer.world_size, trainer.global_rank
         mine = list(range(rank, n, world))
         mine += mine[-1:] * (math.ceil(n / world) - len(mine))  # repeat: rewritten with the same value below
-        loader = DataLoader(Subset(dataset, mine), batch_size=self.batch_size, num_workers=self.workers,
-                            worker_init_fn=worker_init)
         device = next(encoder.parameters()).device
-        feats, labels = embed(encoder, loader, device, precision)
+        feats, labels = embed(encoder, loader(Subset(dataset, mine), self.batch_size, self.workers, train=False),
+                              device, precision)
         index = torch.tensor(mine, device=device)
         if world > 1:
             feats, labels, index = (trainer.strategy.all_gather(t).flatten(0, 1) for t in (feats, labels, index))
