@@ -34,6 +34,7 @@ from fcmae.encoders import SIZES
 from fcmae.encoders.convert import is_minkowski_layout, to_dense_encoder, unwrap
 from fcmae.errors import UserError
 from fcmae.files import atomic_write
+from fcmae.rundir import RunDir, checkpoint_in, run_dir_of
 
 SAFE_GLOBALS = [argparse.Namespace]  # see the module docstring for why exactly these
 
@@ -149,9 +150,7 @@ def read_weights(path_or_run_dir, ema=False, trust=False):
     (.safetensors, .pth), the release's MinkowskiEngine-layout pre-training checkpoints and dense
     checkpoints (with or without model_ema), timm-layout dense weights. A run directory means
     its checkpoints/last.ckpt. ema=True takes the EMA weights (fine-tuning and release files)."""
-    path = Path(path_or_run_dir)
-    if path.is_dir():
-        path = path / "checkpoints" / "last.ckpt"
+    path = checkpoint_in(path_or_run_dir)
     obj = load(path, trust)
     meta = safetensors_metadata(path) if path.suffix == ".safetensors" else {}
     state_dict = obj.get("state_dict") if isinstance(obj.get("state_dict"), dict) else None
@@ -296,3 +295,23 @@ def save_weights(path, state, meta):
             with open(tmp, "wb") as f:
                 torch.save({"model": state, "meta": encoded}, f)  # plain strings: loads weights_only
         atomic_write(path, write, mode=0o644)
+
+
+def export_weights(source, output=None, ema=False, trust=False):
+    """Checkpoint (or run directory) -> dense weights file in the public layout, with metadata
+    (kind, input size, crop, steps, epoch, the run's configuration, class names); returns its
+    path. Default `output`: <run dir>/encoder.safetensors, or classifier.safetensors for a
+    fine-tuning checkpoint."""
+    if output is not None and Path(output).suffix not in (".safetensors", ".pth", ".pt"):
+        raise UserError(f"--output {output}: unknown format '{Path(output).suffix}': use .safetensors or .pth")
+    weights = read_weights(source, ema, trust)
+    kind = "classifier" if weights.num_classes else "encoder"
+    if output is None:
+        output = RunDir(run_dir_of(weights.path)).export(kind)
+    m = weights.meta
+    meta = {"kind": kind, "input_size": m.get("input_size"), "crop_pct": m.get("crop_pct"), "steps": m.get("steps"),
+            "epoch": m.get("epoch"), "ema": ema, "config": m.get("config") or {}}
+    if weights.classes:
+        meta["classes"] = weights.classes
+    save_weights(output, weights.state, meta)
+    return Path(output)
