@@ -61,16 +61,6 @@ def model_name(model):
     return model if isinstance(model, str) else "custom"
 
 
-
-def default_output(cfg):
-    return cfg.output or f"runs/{model_name(cfg.model)}-{'linprobe' if cfg.linear_probe else 'finetune'}"
-
-
-def model_name(model):
-    return model if isinstance(model, str) else "custom"
-
-
-
 def check(cfg):
     """Cheap checks of the options, before any data is scanned."""
     if not cfg.data:
@@ -96,7 +86,6 @@ def check(cfg):
             raise UserError(f"Mixup/CutMix pair up the images of a batch: --batch-size {cfg.batch_size} must be even")
 
 
-
 def recipe(cfg):
     """Optimization values of this run: fine-tuning's, or with --linear-probe MAE's probe
     recipe, which also turns every fine-tuning regularizer off."""
@@ -107,7 +96,6 @@ def recipe(cfg):
     return dict(blr=cfg.blr, weight_decay=cfg.weight_decay, epochs=cfg.epochs, warmup_epochs=cfg.warmup_epochs,
                 drop_path=cfg.drop_path, mixup=cfg.mixup, cutmix=cfg.cutmix, smoothing=cfg.smoothing,
                 aa=cfg.aa, reprob=cfg.reprob, ema_decay=cfg.ema_decay if cfg.ema else None)
-
 
 
 def resolve(cfg, recipe_cfg, train_images=None, world=None):
@@ -128,7 +116,6 @@ def resolve(cfg, recipe_cfg, train_images=None, world=None):
     return resolved
 
 
-
 def fit_to_data(cfg, recipe_cfg, rv, images):
     """Fit the recipe, written for ImageNet, to a training set of `images`, in `rv`, with one line
     per change in rv["notes"] (printed by the run layer):
@@ -137,7 +124,8 @@ def fit_to_data(cfg, recipe_cfg, rv, images):
       batch stays), until an epoch has at least MIN_STEPS_PER_EPOCH optimizer steps or the
       accumulation is 1. The lr stays the recipe's (blr x its effective batch / 256): scaled
       down with the batch (64x from 1024 to 16) AdamW barely moves the weights, and on a small
-      set the recipe then stalls where a plain AdamW loop learns (tests/finetune/test_finetune_small_data.py).
+      set the recipe then stalls where a plain AdamW loop learns
+      (tests/finetune/test_finetune_small_data.py).
       A --effective-batch/--accumulate the user gave is kept, lr = blr x it / 256 as always,
       with a warning.
     - EMA: a run shorter than 10 time constants (1 / (1 - decay) steps) mostly averages the
@@ -186,7 +174,6 @@ def fit_to_data(cfg, recipe_cfg, rv, images):
         rv["warmup_epochs"] = warmup
 
 
-
 class EpochSummary(Callback):
     """One line per epoch: top-1/top-5 of the raw weights and the EMA (or the train loss without
     validation); each epoch's row (train loss averaged over the epoch, val losses, lr) is also
@@ -223,7 +210,6 @@ class EpochSummary(Callback):
                            {k: v for k, v in row.items() if k not in ("step", "epoch")})
 
 
-
 class BestCheckpoint(Callback):
     """checkpoints/best.ckpt and classifier_best.safetensors: the weights with the best validation
     top-1 so far, the raw ones or their EMA, whichever scored higher (their metadata say which,
@@ -256,7 +242,6 @@ class BestCheckpoint(Callback):
         self.best = dict(state)
 
 
-
 def datasets(cfg, output, world):
     """(train set, val set or None, class names, a note or None): DIR/train and DIR/val, or without
     val/ a held-out part of train/ (listed in OUTPUT/val_split.txt), or with --val-split 0 none."""
@@ -287,7 +272,6 @@ def datasets(cfg, output, world):
         raise UserError(f"train/ has {len(train_set)} images, fewer than one batch of {cfg.batch_size} x {world} "
                         f"device(s): lower --batch-size")
     return train_set, val_set, classes, note
-
 
 
 def report(module, output, val_set, classes, cfg, best):

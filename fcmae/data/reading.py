@@ -139,8 +139,6 @@ def note_skipped(e, what="file"):
             pass
 
 
-
-
 def read_array(path, in_chans=None, name=None):
     """.npy (C, H, W) (a path or a file object) -> tensor; uint8 -> float in [0, 1], other dtypes
     -> float32 as stored. A file that does not load, or is not (in_chans, H, W), is a BadFile."""

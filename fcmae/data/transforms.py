@@ -52,7 +52,6 @@ class ToFloat(torch.nn.Module):
         return x.sub_(mean).div_(std)
 
 
-
 # ----------------------------------------------------------------------------- labelled data
 
 class ImageOrArray:

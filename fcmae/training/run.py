@@ -1,37 +1,51 @@
 """The one run layer of every training task: from parsed flags to a trained, saved run.
 
 A task is a `Task` subclass (pre-training: fcmae/training/pretrain.py; classification:
-finetune/task.py). Its command parses the flags (the recipe file first: training.flags) and calls
-`train(SomeTask(cfg, recipe))`, with `recipe = training.flags.recipe_values(parser, cfg)`. The
-task contributes only what is its own:
+finetune/task.py). Its command (fcmae/commands/<name>.py, registered in fcmae/cli.py COMMANDS,
+and in RECIPE_COMMANDS if it has configs/<name>/<size>.yaml) builds the parser from
+training.flags' groups plus its own flags, and runs
+`train(SomeTask(cfg, training.flags.recipe_values(build_parser(), cfg)))`. The task contributes
+only what is its own:
 
-    command             class attribute: "pretrain", "finetune", ...: the kind of checkpoint a
-                        resume accepts, and its recipes' folder configs/<command>/
-    __init__(cfg, recipe)   defaults that depend on other flags (e.g. the output folder) into cfg
-    check()             cheap checks of the flags, before any data is read; call
-                        training.flags.check(cfg, ...) for the shared ones
-    resume_values()     {hyperparameter: this run's value} a checkpoint must agree with to be resumed
-    data(output, world) the LightningDataModule (with `batches_per_epoch(world)`); finds and checks
-                        the data now, before any heavy work
-    plan(world, data)   the resolved configuration, a dict: start from `base_plan` (flags, world
-                        size, accumulation, effective batch, precision, the lr rule), add
-                        the schedule (`steps_per_epoch`, ...) fitted to the data, and `notes`
-                        (one line per change to the recipe; `few_steps_warning`). Called again
-                        when a resume keeps the checkpoint's effective batch (cfg.accumulate set)
+    command             class attribute ("pretrain", "finetune", ...): the kind of checkpoint a
+                        resume accepts (read_run_checkpoint), and its recipes' folder
+    __init__(cfg, recipe)   put defaults that depend on other flags (the output folder) into cfg;
+                        `recipe`: what the recipe alone gives, to tell flags the user passed
+    check()             cheap checks of the flags before any data is read; call
+                        training.flags.check(cfg, *its own counts) for the shared ones
+    resume_values()     {hyperparameter: this run's value} a checkpoint must agree with to resume
+    data(output, world) the LightningDataModule: finds and checks the data now; serves each rank
+                        its share itself (the Trainer has use_distributed_sampler=False; any
+                        (train, val) datasets: fcmae.data.modules.LabelledData); has
+                        `batches_per_epoch(world)` for the lr schedule; its batches are named
+                        tuples with a `skipped` field (fcmae.data.labelled.Labelled, ...)
+    plan(world, data)   the resolved configuration, a dict of plain values (it is printed,
+                        written to config.yaml and kept in checkpoints): `base_plan(cfg, world,
+                        accumulate, values)` (flags, world size, accumulation, effective batch,
+                        precision, the lr rule), then the schedule fitted to the data and `notes`
+                        (one line per change to the recipe; `few_steps_warning`). It must hold
+                        "epochs" and "accumulate". Called again with cfg.accumulate set when a
+                        resume keeps the checkpoint's effective batch
     callbacks(resolved, output)    its own callbacks (the Trainer already has checkpoint IO,
                         last.ckpt on a signal, skipped files, RNG state and TensorBoard)
-    trainer_options(resolved)      more L.Trainer arguments (e.g. no validation loop)
+    trainer_options(resolved)      more L.Trainer arguments (gradient clipping, no validation)
     on_device(resolved, trainer)   values that depend on the device the Trainer picked
-    module(resolved, data)         the LightningModule, its settings passed by keyword
-    finish(trainer, module, resolved)   the final outputs (exports, reports; rank 0 writes);
+    module(resolved, data)         the LightningModule, built by keyword from a settings
+                        dataclass whose fields are its hyper_parameters (fcmae.module.PretrainSettings);
+                        fcmae.optim.StepSchedule gives it the lr schedule
+    finish(trainer, module, resolved)   the final outputs (exports, reports; rank 0 writes them):
                         what `train` returns
+
+Every file name of a run directory is fcmae.rundir's (add a new one there); metrics rows go
+through rundir.append_metrics. Library code raises fcmae.errors.SettingError naming settings,
+which reads as the flags of the same name; a task words the others (`e.worded(flags)`).
 
 What the run layer does once for all of them (`train`): check the run directory, find the
 checkpoint to resume (`resume_checkpoint`, refusing another model's), keep the checkpoint's
 effective batch on another device count (`keep_effective_batch`), build the Trainer
 (training.trainer), print the resolved configuration (and stop there with --dry-run), print the
 notes, seed, write config.yaml and fit (`fit`: a non-finite loss names the last good checkpoint,
-a signal leaves last.ckpt and `Stopped`).
+a signal leaves last.ckpt and raises `Stopped`).
 """
 import math
 import os

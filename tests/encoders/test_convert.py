@@ -1,7 +1,5 @@
 """Conversions between our layout, the public release's pre-training layout (MinkowskiEngine
 modules) and the dense classifier are exact."""
-import re
-
 import torch
 from helpers import TINY, randomize_, release_checkpoint
 

@@ -2,15 +2,13 @@
 four kinds of --pretrained, refusals of mismatched weights, the classifier export (timm loads
 it), the linear probe's BatchNorm folding, data checks. Fast: tiny models, no training loop."""
 import argparse
-import random
 from importlib.resources import files
-from pathlib import Path
 
 import pytest
 import timm
 import torch
 from helpers import COLORS, TINY, randomize_, shapes_dataset
-from PIL import Image, ImageDraw
+from PIL import Image
 from safetensors.torch import save_file
 from timm.models.convnext import checkpoint_filter_fn
 

@@ -10,13 +10,12 @@ import yaml
 from helpers import PRETRAIN_TINY, parse_pretrain as parse, warmup_cosine, weights
 from PIL import Image
 
-from fcmae.commands.pretrain import DEFAULT_MODEL, DEMO, build_parser, fit, resolve
+from fcmae.commands.pretrain import DEFAULT_MODEL, DEMO, fit, resolve
 from fcmae.data.modules import PretrainData, ResumableSampler
 from fcmae.encoders import SIZES
 from fcmae.errors import UserError
 from fcmae.module import PretrainModule
 from fcmae.training.callbacks import AtomicCheckpointIO
-from fcmae.training.flags import with_recipe
 from fcmae.training.pretrain import reconstruction_grid
 
 TINY = PRETRAIN_TINY  # a run small enough for 2 shared CPU cores (tests/helpers.py)
