@@ -1,5 +1,6 @@
 """Rules the source keeps, checked on its syntax tree: functions stay short, every run-directory
-file name is spelled in fcmae/rundir.py only, and the patch size is fcmae/masking.py's."""
+file name is spelled in fcmae/rundir.py only, the patch size is fcmae/masking.py's, and tests
+share code through tests/helpers.py and conftest.py only."""
 import ast
 from pathlib import Path
 
@@ -68,3 +69,15 @@ def test_the_patch_size_is_spelled_in_masking_only():
         found += [f"{path}:{line} {text!r}" for line, text in strings(tree)
                   if "multiple of 32" in text or "32x32" in text]
     assert not found, "take the patch size from fcmae.masking: " + "; ".join(found)
+
+
+def test_tests_share_code_through_conftest_and_helpers_only():
+    """No test module imports another one: what tests share lives in tests/helpers.py or a conftest.py."""
+    tests = {path.stem for path in (ROOT / "tests").rglob("test_*.py")}
+    found = []
+    for path, tree in sources(["tests"]):
+        for node in ast.walk(tree):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            found += [f"{path}:{node.lineno} {name}" for name in names if name.split(".")[-1] in tests]
+    assert not found, "move what these share into tests/helpers.py: " + "; ".join(found)

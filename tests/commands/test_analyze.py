@@ -50,8 +50,7 @@ def test_random_gaussian_channels_are_close_to_orthogonal_and_match_the_gram_mat
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):
     """TINY weights as a pre-training run directory and in the release's layout, and images."""
-    from helpers import TINY, labelled_images, randomize_
-    from test_convert import release_checkpoint
+    from helpers import TINY, labelled_images, randomize_, release_checkpoint
 
     from fcmae.module import PretrainModule
     root = tmp_path_factory.mktemp("analyze")
