@@ -53,6 +53,7 @@ class RunDir:
     skipped_files = property(lambda self: self.root / SKIPPED_FILES)
     val_split = property(lambda self: self.root / VAL_SPLIT)
     reconstructions = property(lambda self: self.root / RECONSTRUCTIONS)
+    tensorboard = property(lambda self: self.root / TENSORBOARD)
     confusion = property(lambda self: self.root / CONFUSION)
     curves = property(lambda self: self.root / CURVES)
 

@@ -21,7 +21,8 @@ from torch.utils.data import Subset
 
 from fcmae.checkpoints import classifier_state_dict, read_weights, save_weights
 from fcmae.data.filelist import default_cache
-from fcmae.data.labelled import check_classes, check_in_chans, held_out_split, image_folder, write_split
+from fcmae.data.labelled import (SplitSubset, check_classes, check_in_chans, held_out_split, image_folder,
+                                 left_out_note, write_split)
 from fcmae.data.modules import LabelledData, loader
 from fcmae.data.transforms import eval_transform, train_transform
 from fcmae.encoders import ConvNeXtV2
@@ -243,16 +244,20 @@ class BestCheckpoint(Callback):
 
 
 def datasets(cfg, output, world):
-    """(train set, val set or None, class names, a note or None): DIR/train and DIR/val, or without
-    val/ a held-out part of train/ (listed in OUTPUT/val_split.txt), or with --val-split 0 none."""
+    """(train set, val set or None, class names, notes): DIR/train and DIR/val, or without val/ a
+    held-out part of train/ (listed in OUTPUT/val_split.txt), or with --val-split 0 none. A
+    held-out set and the rest of train/ are `SplitSubset`s: an unreadable file's substitute
+    comes from its own part, so validation never sees a training image, nor training a
+    validation one."""
     r = recipe(cfg)
     train_tf = train_transform(cfg.input_size, cfg.in_chans, r["aa"], r["reprob"])
     eval_tf = eval_transform(cfg.input_size, cfg.in_chans, cfg.crop_pct)
     train_set = image_folder(cfg.data, "train", train_tf, cfg.in_chans, cfg.strict_data, cache=default_cache())
-    classes, note = train_set.classes, None
+    classes, notes = train_set.classes, [left_out_note(train_set)]
     if (Path(cfg.data) / "val").is_dir():
         val_set = image_folder(cfg.data, "val", eval_tf, cfg.in_chans, cfg.strict_data, cache=default_cache())
         check_classes(train_set, val_set)
+        notes.append(left_out_note(val_set))
     elif cfg.val_split > 0:
         split_file = RunDir(output).val_split
         if cfg.no_resume and not cfg.dry_run and rank_zero_only.rank == 0:
@@ -261,17 +266,17 @@ def datasets(cfg, output, world):
         kept, held = held_out_split(train_set, cfg.val_split, cfg.seed, split_file if reused else None)
         if not reused and not cfg.dry_run and rank_zero_only.rank == 0:
             write_split(split_file, train_set, held)
-        note = (f"no {cfg.data}/val: {'reusing the' if reused else 'holding out a stratified'} {len(held)} of "
-                f"{len(train_set)} train/ images for validation, listed in {split_file}")
+        notes.append(f"no {cfg.data}/val: {'reusing the' if reused else 'holding out a stratified'} {len(held)} of "
+                     f"{len(train_set)} train/ images for validation, listed in {split_file}")
         val_set = copy.copy(train_set)
         val_set.transform = eval_tf
-        train_set, val_set = Subset(train_set, kept), Subset(val_set, held)
+        train_set, val_set = SplitSubset(train_set, kept), SplitSubset(val_set, held)
     else:
         val_set = None
     if len(train_set) < cfg.batch_size * world:
         raise UserError(f"train/ has {len(train_set)} images, fewer than one batch of {cfg.batch_size} x {world} "
                         f"device(s): lower --batch-size")
-    return train_set, val_set, classes, note
+    return train_set, val_set, classes, [note for note in notes if note]
 
 
 def report(module, output, val_set, classes, cfg, best):
@@ -331,12 +336,12 @@ class FinetuneTask(Task):
 
     def data(self, output, world):
         cfg = self.cfg
-        self.train_set, self.val_set, self.classes, self.note = datasets(cfg, output, world)
+        self.train_set, self.val_set, self.classes, self.notes = datasets(cfg, output, world)
         return LabelledData(self.train_set, self.val_set, cfg.batch_size, cfg.workers, cfg.seed)
 
     def plan(self, world, data):
         resolved = resolve(self.cfg, self.recipe, len(self.train_set), world)
-        resolved["notes"] = ([self.note] if self.note else []) + resolved["notes"]
+        resolved["notes"] = self.notes + resolved["notes"]
         return resolved
 
     def callbacks(self, resolved, output):

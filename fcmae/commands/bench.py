@@ -3,7 +3,7 @@ each sparse-encoder backend, side by side in one run.
 
     fcmae bench --model tiny --batch-size 8 --steps 5             # dense, sparse, minkowski if installed
     fcmae bench --model base --batch-size 4 --steps 3
-    fcmae bench --model tiny --backends [sparse] --mask-ratio [0.4,0.6,0.75]
+    fcmae bench --model tiny --backends sparse --mask-ratio 0.4 0.6 0.75          # lists: words, or a,b,c
     python -m fcmae.commands.bench ...                             # the same, without the `fcmae` CLI
 
 Method. One FCMAE model (one parameter set) and one AdamW optimizer (the paper's betas and weight
@@ -51,6 +51,7 @@ from fcmae.encoders import BACKENDS, SIZES, resolve_backend
 from fcmae.encoders.convnextv2 import size_config
 from fcmae.errors import UserError
 from fcmae.files import write_atomic
+from fcmae.listflags import list_flags, list_words
 from fcmae.masking import PATCH_SIZE, check_input_size, check_mask_ratio, random_mask
 from fcmae.precision import ALIASES, DTYPES, PRECISIONS, resolve_precision
 
@@ -70,7 +71,7 @@ def build_parser():
     p.add_argument("--input-size", type=int, default=224, help=f"image side in pixels, a multiple of {PATCH_SIZE}")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--mask-ratio", type=List[float], default=[0.6],
-                   help="one or more mask ratios, e.g. [0.4,0.6,0.75]; each gets its own rows")
+                   help="one or more mask ratios, e.g. 0.4 0.6 0.75 (or 0.4,0.6,0.75); each gets its own rows")
     p.add_argument("--in-chans", type=int, default=3)
     p.add_argument("--device", type=str, default="cpu", help="cpu | cuda | cuda:N")
     p.add_argument("--precision", type=Literal[tuple(p for p in PRECISIONS if p != "auto") + tuple(ALIASES)],
@@ -404,7 +405,7 @@ def run(cfg):
 
 def main(argv=None):
     parser = build_parser()
-    cfg = parser.parse_args(argv)
+    cfg = parser.parse_args(list_words(list(sys.argv[1:] if argv is None else argv), list_flags(parser)))
     try:
         run(cfg)
     except UserError as e:

@@ -123,6 +123,9 @@ def kind_and_chans(path):
 def write_shards(src, out, max_size="1GB", samples_per_shard=None, progress=True):
     """Write SRC's files as shards in OUT; returns the index (a dict, also OUT/index.json)."""
     from tqdm import tqdm
+    if Path(out).exists() and not Path(out).is_dir():
+        raise SettingError(f"`out` {out} is a file, not a folder: pass a folder for the shards (a new one, or the "
+                           f"one an interrupted run was writing)")
     root, paths, labels, classes = source_files(src)
     try:
         kind, in_chans = kind_and_chans(paths[0])

@@ -30,7 +30,9 @@ def add_hardware_flags(parser, devices="auto", strategy=True):
                        help="auto = DDP when more than one device; fsdp shards large/huge")
     g.add_argument("--precision", type=Literal[PRECISIONS], default="auto",
                    help="auto = bf16-mixed on GPUs that support it, else 32")
-    g.add_argument("--workers", type=int, default=8, help="data loader processes per device")
+    g.add_argument("--workers", type=Union[Literal["auto"], int], default="auto",
+                   help="data loader processes per device; auto: the node's cores shared among its devices, less "
+                        "one per GPU for its training process (on the CPU, less half for its compute threads)")
     return g
 
 
@@ -74,7 +76,7 @@ def check(cfg, *at_least_one):
     for name in ("batch_size", "epochs", "log_every", *at_least_one):
         if cfg[name] < 1:
             raise UserError(f"--{name.replace('_', '-')} {cfg[name]}: must be at least 1")
-    if cfg.workers < 0:
+    if cfg.workers != "auto" and cfg.workers < 0:
         raise UserError(f"--workers {cfg.workers}: must be 0 (load in the training process) or more")
 
 

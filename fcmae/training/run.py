@@ -62,7 +62,7 @@ from fcmae.errors import NonFiniteLoss, UserError
 from fcmae.precision import resolve_precision
 from fcmae.rundir import RunDir, write_config
 from fcmae.training.callbacks import LastCheckpoint
-from fcmae.training.trainer import make_trainer, world_size
+from fcmae.training.trainer import auto_workers, make_trainer, training_threads, world_size
 
 
 class Task:
@@ -105,6 +105,9 @@ def train(task):
     """Run `task` from its flags to its final outputs: returns `task.finish(...)`, or None with
     --dry-run (which stops after printing the resolved configuration)."""
     task.check()
+    if task.cfg.workers == "auto":  # what this machine has: the resolved configuration says how many
+        task.cfg = task.cfg.clone()
+        task.cfg.workers = auto_workers(task.cfg)
     cfg = task.cfg
     output = Path(cfg.output)
     world = world_size(cfg)
@@ -180,8 +183,9 @@ def resume_checkpoint(command, cfg, output, expected):
     """The checkpoint a run continues from, or None.
 
     --resume is "auto" (OUTPUT/checkpoints/last.ckpt if present) or a path; --no-resume: None.
-    `expected` maps hyperparameter names to this run's values: a checkpoint that disagrees is
-    refused.
+    An unreadable last.ckpt (a disk fault, a copy cut short) gives way to the newest readable
+    other checkpoint of the run (`fallback_checkpoint`). `expected` maps hyperparameter names to
+    this run's values: a checkpoint that disagrees is refused.
     """
     check_output(output)
     if cfg.no_resume:
@@ -190,16 +194,64 @@ def resume_checkpoint(command, cfg, output, expected):
         path = Path(cfg.resume)
         if not path.is_file():
             raise UserError(f"--resume {cfg.resume}: no such checkpoint file: pass a .ckpt path, or --resume auto")
+        checkpoint = read_run_checkpoint(path, command, trust=cfg.trust_checkpoint)
     else:
         path = RunDir(output).last
         if not path.is_file():
             return None
-    saved = read_run_checkpoint(path, command, trust=cfg.trust_checkpoint).get("hyper_parameters", {})
+        try:
+            checkpoint = read_run_checkpoint(path, command, trust=cfg.trust_checkpoint)
+        except UserError as e:
+            if "--trust-checkpoint" in str(e):
+                raise
+            path, checkpoint = fallback_checkpoint(command, cfg, output, e)
+    saved = checkpoint.get("hyper_parameters", {})
     for key, value in expected.items():
         if key in saved and saved[key] != value:
             raise UserError(f"{path} was trained with {key}={saved[key]}, this run asks for {value}: "
                             f"use another --output, or --no-resume to start over")
     return str(path)
+
+
+def fallback_checkpoint(command, cfg, output, error):
+    """(path, checkpoint) of the run's newest readable checkpoint other than its unreadable
+    last.ckpt (`error` says why): the periodic step*.ckpt (or best.ckpt) files of
+    OUTPUT/checkpoints, by their step. One line says which, and how many steps that costs (as
+    far as the run's TensorBoard log shows the step it had reached); none readable: `error`."""
+    run = RunDir(output)
+    found = []
+    for path in sorted(run.checkpoints.glob("*.ckpt")):
+        if path.name == run.last.name:
+            continue
+        try:
+            found.append((read_run_checkpoint(path, command, trust=cfg.trust_checkpoint), path))
+        except UserError:
+            continue
+    if not found:
+        raise UserError(f"{error} (no other checkpoint in {run.checkpoints} is readable either)") from None
+    checkpoint, path = max(found, key=lambda f: f[0].get("global_step", 0))
+    step, reached = checkpoint.get("global_step", 0), logged_step(run)
+    cost = (f"the run had logged step {reached}, so steps {step + 1}-{reached} are trained again" if reached > step
+            else f"the steps after {step} are trained again")
+    if rank_zero_only.rank == 0:
+        fact = str(error).split(": pass ")[0]  # "cannot read PATH (why)", without the advice for --resume
+        print(f"{fact}: resuming from {path}, the newest readable checkpoint of the run (step {step}); {cost}",
+              flush=True)
+    return path, checkpoint
+
+
+def logged_step(run):
+    """The last step in the run's TensorBoard log (0 if none): how far the run had got."""
+    from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+    step = 0
+    for events in run.tensorboard.glob("events.out.tfevents.*"):
+        try:
+            for event in EventFileLoader(str(events)).Load():
+                if event.summary.value:
+                    step = max(step, event.step)
+        except Exception:  # noqa: BLE001 (a damaged log tells nothing more; the resume goes on)
+            continue
+    return step
 
 
 def check_output(output):
@@ -267,10 +319,8 @@ def fit(trainer, module, resolved, ckpt_path=None, **data):
     if trainer.is_global_zero:
         write_config(resolved["output"], resolved)
     if trainer.strategy.root_device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
-        # Leave the loader workers their cores: oversubscribed OpenMP threads spin against each
-        # other (docs/internals.md, "Threads").
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-        torch.set_num_threads(max(1, (cores - resolved["workers"]) // trainer.num_devices))
+        # Leave the loader workers their cores (docs/internals.md, "Threads").
+        torch.set_num_threads(training_threads(resolved["workers"], trainer.num_devices))
     torch.set_float32_matmul_precision("high")  # TF32 matmuls on GPUs that have them
     try:
         with warnings.catch_warnings():

@@ -1,12 +1,15 @@
 """The Trainer of every training run: the hardware flags (accelerator, devices, nodes, strategy,
-precision), crash-safe checkpoint files, TensorBoard, the run layer's own callbacks, and the
-device count Lightning gives for plans made before the Trainer exists."""
+precision), crash-safe checkpoint files, TensorBoard, progress output, the run layer's own
+callbacks, the device count Lightning gives for plans made before the Trainer exists, and how
+the node's cores are shared between loader workers and the training processes."""
 import logging
+import os
 from contextlib import contextmanager
 
 import lightning as L
 import torch
 from lightning.fabric.utilities.exceptions import MisconfigurationException
+from lightning.pytorch.accelerators import CPUAccelerator
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.plugins.environments import SLURMEnvironment
 
@@ -14,7 +17,11 @@ from fcmae.errors import UserError
 from fcmae.precision import resolve_precision
 from fcmae.preemption import StopOnSignal
 from fcmae.rundir import TENSORBOARD, RunDir
-from fcmae.training.callbacks import AtomicCheckpointIO, RandomState, SkippedFiles
+from fcmae.training.callbacks import AtomicCheckpointIO, RandomState, SkippedFiles, progress_output
+
+# `--workers auto` gives a device at most this many loader processes: more cost memory (each
+# holds its own decoding buffers) and feed no GPU faster (docs/internals.md, "Threads").
+MAX_AUTO_WORKERS = 16
 
 
 def make_strategy(name, accelerator):
@@ -41,12 +48,40 @@ def _quiet_lightning():
         log.setLevel(level)
 
 
+def planning_trainer(cfg):
+    """A Trainer on the hardware flags alone, to count devices before the run's own exists.
+    Builds no process group and prints nothing (the run's Trainer prints its device lines)."""
+    with _quiet_lightning():
+        return hardware_trainer(cfg, logger=False, enable_checkpointing=False, enable_progress_bar=False)
+
+
 def world_size(cfg):
     """Processes the run trains on (devices per node x nodes), counted by Lightning itself from
     the hardware flags (`--devices auto` on a node of 4 GPUs: 4), for plans made before the
-    Trainer can be built (it needs the accumulation they give). Builds no process group."""
-    with _quiet_lightning():  # its device lines are printed by the run's own Trainer
-        return hardware_trainer(cfg, logger=False, enable_checkpointing=False, enable_progress_bar=False).world_size
+    Trainer can be built (it needs the accumulation they give)."""
+    return planning_trainer(cfg).world_size
+
+
+def cores():
+    """The CPU cores this process may run on (its affinity: a scheduler's allocation, taskset)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def auto_workers(cfg):
+    """Loader processes per device for `--workers auto`: the node's cores shared among its
+    devices, less what each training process needs itself: on a GPU one core (it drives the
+    device), on the CPU half of them (its compute threads, `training_threads`); at most
+    MAX_AUTO_WORKERS. 2 cores, CPU: 1 (and 1 compute thread); 96 cores, 8 GPUs: 11 per GPU."""
+    trainer = planning_trainer(cfg)
+    share = cores() // trainer.num_devices
+    workers = share // 2 if isinstance(trainer.accelerator, CPUAccelerator) else share - 1
+    return max(0, min(workers, MAX_AUTO_WORKERS))
+
+
+def training_threads(workers, devices):
+    """Compute threads of each training process on the CPU: its share of the node's cores less
+    its loader workers' (oversubscribed OpenMP threads spin against each other)."""
+    return max(1, cores() // devices - workers)
 
 
 def make_trainer(cfg, output, callbacks, epochs, accumulate, **kwargs):
@@ -54,7 +89,9 @@ def make_trainer(cfg, output, callbacks, epochs, accumulate, **kwargs):
     <output>/tensorboard, SkippedFiles (every batch counts its skipped files; their names are
     listed in <output>/skipped_files.txt), StopOnSignal (a scheduler's signal saves
     <output>/checkpoints/last.ckpt and stops the run), RandomState (the RNG states travel with
-    the checkpoint), `epochs` and `accumulate` as the run resolved them; `kwargs` go to L.Trainer."""
+    the checkpoint), the progress output (`progress_output`: a bar in a terminal, a line every
+    --log-every steps in a log), `epochs` and `accumulate` as the run resolved them; `kwargs` go
+    to L.Trainer."""
     run = RunDir(output)
     plugins = [AtomicCheckpointIO()]
     if SLURMEnvironment.detect():
@@ -65,7 +102,8 @@ def make_trainer(cfg, output, callbacks, epochs, accumulate, **kwargs):
         cfg, precision=resolve_precision(cfg.precision), max_epochs=epochs, max_steps=cfg.max_steps,
         accumulate_grad_batches=accumulate,
         logger=TensorBoardLogger(output, name=TENSORBOARD, version="", default_hp_metric=False),
-        callbacks=[SkippedFiles(run.skipped_files), StopOnSignal(run.last), RandomState(), *callbacks],
+        callbacks=[SkippedFiles(run.skipped_files), StopOnSignal(run.last), RandomState(),
+                   progress_output(cfg.log_every, accumulate), *callbacks],
         plugins=plugins, log_every_n_steps=cfg.log_every, default_root_dir=output, **kwargs)
 
 
