@@ -12,12 +12,13 @@ a warmup length passed:
 - fifth: the recipe's warmup, at most a fifth of the run;
 - default: no --warmup-epochs at all (what the installed fcmae chooses).
 Also `fcmae knn --random-init`: the floor. The data: images of one large shape (ellipse,
-rectangle, triangle or cross: the class) in a random colour on a random colour gradient, with a
-few thinner random shapes over it; unlabelled ones to pre-train on, a labelled set of the same
+rectangle, triangle or cross: the class) on a random colour gradient, in a colour that hints at
+the class, with a few thin random outlines; unlabelled ones to pre-train on, a labelled set of the same
 kind for the kNN monitor. Prints one row per schedule (loss at the first logged steps and over
 the last epoch, kNN top-1 after each epoch), then one JSON line.
 """
 import argparse
+import colorsys
 import json
 import math
 import subprocess
@@ -33,7 +34,8 @@ KINDS = ("ellipse", "rectangle", "triangle", "cross")
 
 def shape_image(rng, size, kind):
     """One image (PIL RGB): a colour gradient, a few thin distractor outlines, one large filled
-    `kind` in a random colour at a random place and size."""
+    `kind` at a random place and size, its hue drawn around the kind's own (90 degrees apart,
+    +-70: neighbouring kinds overlap), so colour alone tells the class only in part."""
     angle = rng.uniform(0, 2 * math.pi)
     ramp = np.cos(angle) * np.linspace(0, 1, size)[None, :] + np.sin(angle) * np.linspace(0, 1, size)[:, None]
     ramp = (ramp - ramp.min()) / (np.ptp(ramp) + 1e-6)
@@ -46,7 +48,8 @@ def shape_image(rng, size, kind):
         draw.rectangle([x0, y0, x0 + w, y0 + h], outline=tuple(int(c) for c in rng.integers(0, 256, 3)), width=1)
     r = int(rng.integers(size // 5, size * 2 // 5))
     x, y = (int(v) for v in rng.integers(r, size - r, 2))
-    colour = tuple(int(c) for c in rng.integers(0, 256, 3))
+    hue = (KINDS.index(kind) * 0.25 + rng.uniform(-70, 70) / 360) % 1.0
+    colour = tuple(int(255 * c) for c in colorsys.hsv_to_rgb(hue, rng.uniform(0.5, 1), rng.uniform(0.5, 1)))
     if kind == "ellipse":
         draw.ellipse([x - r, y - int(r * 0.8), x + r, y + int(r * 0.8)], fill=colour)
     elif kind == "rectangle":
@@ -98,7 +101,7 @@ def main():
     p.add_argument("--schedules", nargs="+", default=["today", "share", "fifth"], choices=["today", "share", "fifth",
                                                                                              "default"])
     p.add_argument("--images", type=int, default=3000)
-    p.add_argument("--labelled-per-class", type=int, default=150)
+    p.add_argument("--labelled-per-class", type=int, default=200, help="a quarter is held out for validation")
     p.add_argument("--size", type=int, default=64)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--epochs", type=int, default=3)
@@ -111,9 +114,9 @@ def main():
     else:
         unlabelled, labelled = write_sets(work, args.images, args.labelled_per_class, args.size)
     common = ["--data", unlabelled, "--input-size", args.size, "--batch-size", args.batch_size, "--epochs", args.epochs,
-              "--workers", args.workers, "--eval-data", labelled, "--log-every", "5"]
+              "--workers", args.workers, "--eval-data", labelled, "--eval-val-split", "0.25", "--log-every", "5"]
     floor = subprocess.run([args.fcmae, "knn", "--random-init", "--model", "atto", "--data", labelled, "--input-size",
-                            str(args.size), "--workers", str(args.workers), "--device", "cpu",
+                            str(args.size), "--val-split", "0.25", "--workers", str(args.workers), "--device", "cpu",
                             "--output", str(work / "random.json")], capture_output=True, text=True)
     record = {"random_init_knn_top1": round(json.loads((work / "random.json").read_text())["top1"], 2)
               if floor.returncode == 0 else floor.stderr.strip()[-300:], "runs": {}}

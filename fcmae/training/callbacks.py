@@ -185,14 +185,14 @@ class ProgressLines(ProgressBar):
 
     def __init__(self, every, stream=None):
         super().__init__()
-        self.every, self.stream, self.enabled = every, stream, True
+        self.every, self.stream, self.is_enabled = every, stream, True
         self.shown_step, self.mark, self.images = None, None, 0
 
     def disable(self):
-        self.enabled = False
+        self.is_enabled = False
 
     def enable(self):
-        self.enabled = True
+        self.is_enabled = True
 
     def on_train_start(self, trainer, pl_module):
         self.shown_step, self.mark, self.images = trainer.global_step, time.perf_counter(), 0
@@ -204,7 +204,7 @@ class ProgressLines(ProgressBar):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         self.images += len(batch[0]) * trainer.world_size  # a shape: no device sync
         step = trainer.global_step
-        if not self.enabled or step == self.shown_step or step % self.every:
+        if not self.is_enabled or step == self.shown_step or step % self.every:
             return
         now = time.perf_counter()
         seconds, steps = now - self.mark, step - self.shown_step
@@ -217,8 +217,7 @@ class ProgressLines(ProgressBar):
         self.shown_step, self.mark, self.images = step, now, 0
 
     def print(self, *args, **kwargs):
-        if self.enabled:
-            print(*args, **kwargs, file=self.stream or sys.stdout, flush=True)
+        print(*args, **kwargs, file=self.stream or sys.stdout, flush=True)
 
 
 # ----------------------------------------------------------------------------- random state

@@ -60,7 +60,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from fcmae.checkpoints import read_run_checkpoint
 from fcmae.errors import NonFiniteLoss, UserError
 from fcmae.precision import resolve_precision
-from fcmae.rundir import RunDir, write_config
+from fcmae.rundir import RunDir, read_scalars, write_config
 from fcmae.training.callbacks import LastCheckpoint
 from fcmae.training.trainer import auto_workers, make_trainer, training_threads, world_size
 
@@ -231,8 +231,8 @@ def fallback_checkpoint(command, cfg, output, error):
         raise UserError(f"{error} (no other checkpoint in {run.checkpoints} is readable either)") from None
     checkpoint, path = max(found, key=lambda f: f[0].get("global_step", 0))
     step, reached = checkpoint.get("global_step", 0), logged_step(run)
-    cost = (f"the run had logged step {reached}, so steps {step + 1}-{reached} are trained again" if reached > step
-            else f"the steps after {step} are trained again")
+    cost = (f"the run had reached step {reached}, so {reached - step} step{'s' * (reached - step > 1)} "
+            f"({step + 1}-{reached}) are trained again" if reached > step else f"the steps after {step} are trained again")
     if rank_zero_only.rank == 0:
         fact = str(error).split(": pass ")[0]  # "cannot read PATH (why)", without the advice for --resume
         print(f"{fact}: resuming from {path}, the newest readable checkpoint of the run (step {step}); {cost}",
@@ -241,17 +241,10 @@ def fallback_checkpoint(command, cfg, output, error):
 
 
 def logged_step(run):
-    """The last step in the run's TensorBoard log (0 if none): how far the run had got."""
-    from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
-    step = 0
-    for events in run.tensorboard.glob("events.out.tfevents.*"):
-        try:
-            for event in EventFileLoader(str(events)).Load():
-                if event.summary.value:
-                    step = max(step, event.step)
-        except Exception:  # noqa: BLE001 (a damaged log tells nothing more; the resume goes on)
-            continue
-    return step
+    """How many optimizer steps the run had done, as its TensorBoard log tells (0 if it does
+    not): the training loss is logged during a step, under the count of steps done before it."""
+    losses = read_scalars(run.tensorboard, "train/loss")
+    return losses[-1][0] + 1 if losses else 0
 
 
 def check_output(output):

@@ -26,8 +26,8 @@ ARGS[ARGS.index("--ckpt-every") + 1] = "1000"
 
 
 def shown_step(log):
-    """The last optimizer step the progress bar printed (its batch count; accumulate is 1)."""
-    counts = re.findall(rb"\| *(\d+)/\d+ \[", log.read_bytes()) if log.exists() else []
+    """The last optimizer step the progress lines printed (stdout is a file: one line a step)."""
+    counts = re.findall(rb"^step (\d+)/", log.read_bytes(), re.M) if log.exists() else []
     return int(counts[-1]) if counts else 0
 
 
