@@ -26,7 +26,7 @@ only what is its own:
                         (one line per change to the recipe; `few_steps_warning`). It must hold
                         "epochs" and "accumulate". Called again with cfg.accumulate set when a
                         resume keeps the checkpoint's effective batch
-    callbacks(resolved, output)    its own callbacks (the Trainer already has checkpoint IO,
+    callbacks(resolved, output)    its own callbacks (the Trainer already has checkpoint IO, progress,
                         last.ckpt on a signal, skipped files, RNG state and TensorBoard)
     trainer_options(resolved)      more L.Trainer arguments (gradient clipping, no validation)
     on_device(resolved, trainer)   values that depend on the device the Trainer picked
@@ -40,12 +40,16 @@ Every file name of a run directory is fcmae.rundir's (add a new one there); metr
 through rundir.append_metrics. Library code raises fcmae.errors.SettingError naming settings,
 which reads as the flags of the same name; a task words the others (`e.worded(flags)`).
 
-What the run layer does once for all of them (`train`): check the run directory, find the
-checkpoint to resume (`resume_checkpoint`, refusing another model's), keep the checkpoint's
-effective batch on another device count (`keep_effective_batch`), build the Trainer
-(training.trainer), print the resolved configuration (and stop there with --dry-run), print the
-notes, seed, write config.yaml and fit (`fit`: a non-finite loss names the last good checkpoint,
-a signal leaves last.ckpt and raises `Stopped`).
+What the run layer does once for all of them (`train`): choose the loader workers for
+`--workers auto` (training.trainer.auto_workers), check the run directory, find the checkpoint to
+resume (`resume_checkpoint`, refusing another model's; an unreadable last.ckpt gives way to the
+run's newest readable checkpoint), keep the checkpoint's effective batch on another device count
+(`keep_effective_batch`), build the Trainer (training.trainer: its progress output is a bar in a
+terminal, a plain line every --log-every steps otherwise), print the resolved configuration (and
+stop there with --dry-run), print the notes, seed, write config.yaml and fit (`fit`: a
+non-finite loss names the last good checkpoint, a signal leaves last.ckpt and raises `Stopped`).
+A task's plan is a pure function of its flags and data, so a resumed run plans the same
+schedule again.
 """
 import math
 import os
