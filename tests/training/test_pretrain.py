@@ -133,7 +133,8 @@ def test_data_layouts_and_channels(tmp_path):
     assert len(PretrainData(str(imagenet), 64).dataset) == 6
     flat = PretrainData(str(image_folder(tmp_path / "flat", 4)), 64, mask_ratio=0.75)
     view, mask = flat.dataset[1]
-    assert view.shape == (3, 64, 64) and view.dtype == torch.float32
+    assert view.shape == (3, 64, 64) and view.dtype == torch.uint8  # to the device as bytes
+    assert flat.to_float(view).dtype == torch.float32
     assert mask.shape == (2, 2) and mask.sum() == 3  # 4 patches, int(4 * 0.25) = 1 visible
     gray = PretrainData(str(image_folder(tmp_path / "gray", 2, mode="L")), 64, in_chans=1)
     assert gray.dataset[0][0].shape == (1, 64, 64)
@@ -141,6 +142,8 @@ def test_data_layouts_and_channels(tmp_path):
     np.save(tmp_path / "bands" / "a.npy", np.full((5, 40, 40), 255, np.uint8))  # uint8 -> [0, 1]
     bands = PretrainData(str(tmp_path / "bands"), 64, in_chans=5)
     assert bands.dataset[0][0].shape == (5, 64, 64) and torch.allclose(bands.dataset[0][0], torch.ones(1))
+    assert bands.dataset[0][0].dtype == torch.float32 and torch.equal(bands.to_float(bands.dataset[0][0]),
+                                                                       bands.dataset[0][0])  # arrays: as stored
     demo = PretrainData("demo", 64)
     a, b = demo.dataset[7], demo.dataset[7]
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])  # a pure function of (seed, key)
@@ -258,6 +261,6 @@ def test_reconstruction_preview_is_spread_over_the_classes(tmp_path):
     views, masks = data.preview(8)
     again, masks_again = data.preview(8)  # fixed across the run: grids stay comparable over time
     assert torch.equal(views, again) and torch.equal(masks, masks_again)
-    assert torch.equal(views[1], data.dataset[keys[1]][0])
+    assert torch.equal(views[1], data.to_float(data.dataset[keys[1]][0]))  # normalized as training batches are
     small = PretrainData(str(tmp_path / "class0"), input_size=64, batch_size=4, workers=0)
     assert small.preview_keys(8) == [0, 1, 2, 3, 4]  # fewer samples than the grid: all of them
