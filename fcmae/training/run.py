@@ -44,7 +44,8 @@ What the run layer does once for all of them (`train`): check the run directory,
 checkpoint to resume (`resume_checkpoint`, refusing another model's), keep the checkpoint's
 effective batch on another device count (`keep_effective_batch`), build the Trainer
 (training.trainer), print the resolved configuration (and stop there with --dry-run), print the
-notes, seed, write config.yaml and fit (`fit`: a non-finite loss names the last good checkpoint,
+notes, seed, build the module (its weights channels-last with --channels-last), write config.yaml
+and fit (`fit`: a non-finite loss names the last good checkpoint,
 a signal leaves last.ckpt and raises `Stopped`).
 """
 import math
@@ -59,7 +60,7 @@ from lightning.pytorch.utilities import rank_zero_only
 
 from fcmae.checkpoints import read_run_checkpoint
 from fcmae.errors import NonFiniteLoss, UserError
-from fcmae.precision import resolve_precision
+from fcmae.precision import resolve_precision, use_tf32
 from fcmae.rundir import RunDir, write_config
 from fcmae.training.callbacks import LastCheckpoint
 from fcmae.training.trainer import make_trainer, world_size
@@ -128,6 +129,8 @@ def train(task):
     print_notes(resolved)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     module = task.module(resolved, data)
+    if cfg.get("channels_last"):  # before the strategy wraps it: DDP's buckets take the parameters' strides
+        module = module.to(memory_format=torch.channels_last)
     fit(trainer, module, resolved, ckpt_path, datamodule=data)
     return task.finish(trainer, module, resolved)
 
@@ -271,7 +274,7 @@ def fit(trainer, module, resolved, ckpt_path=None, **data):
         # other (docs/internals.md, "Threads").
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
         torch.set_num_threads(max(1, (cores - resolved["workers"]) // trainer.num_devices))
-    torch.set_float32_matmul_precision("high")  # TF32 matmuls on GPUs that have them
+    use_tf32()
     try:
         with warnings.catch_warnings():
             # Our data modules resume inside an epoch themselves (they skip what the checkpoint's
