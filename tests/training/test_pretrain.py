@@ -171,7 +171,7 @@ def test_weight_decay_groups_and_schedule():
     for name, p in module.named_parameters():
         excluded = name.endswith((".bias", "grn.gamma", "grn.beta")) or p.ndim == 1
         assert (id(p) in decay) != excluded, name
-    assert opt.param_groups[0]["betas"] == (0.9, 0.95)
+    assert opt.param_groups[0]["betas"] == (0.9, 0.95) and opt.defaults["fused"]  # fcmae.optim.adamw on CPU
     assert [warmup_cosine(s, 10, 110) for s in (0, 5, 10, 60, 110, 200)] == pytest.approx([0, 0.5, 1, 0.5, 0, 0])
 
 
@@ -221,6 +221,25 @@ def test_run_directory_and_falling_loss(tmp_path):
     assert sorted(os.listdir(out / "reconstructions")) == ["step0000015.png", "step0000030.png"]
     assert (out / "checkpoints" / "last.ckpt").is_file() and (out / "encoder.safetensors").is_file()
     assert yaml.safe_load((out / "config.yaml").read_text())["total_steps"] == 128 * DEMO["epochs"]
+
+
+@pytest.mark.parametrize("backend", ["dense", "sparse"])
+def test_channels_last_trains_and_exports(tmp_path, monkeypatch, backend):
+    from lightning.pytorch.callbacks import Callback
+
+    from fcmae.training.pretrain import PretrainTask
+
+    class Formats(Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            self.seen = {name: p.is_contiguous(memory_format=torch.channels_last)
+                         for name, p in pl_module.named_parameters() if p.ndim == 4}
+    formats, callbacks = Formats(), PretrainTask.callbacks
+    monkeypatch.setattr(PretrainTask, "callbacks", lambda self, *a: [*callbacks(self, *a), formats])
+    trainer, module = fit(parse(*TINY, "--backend", backend, "--channels-last", "--max-steps", "2", "--export",
+                                "--output", str(tmp_path)))
+    assert formats.seen and all(formats.seen.values())  # every convolution weight, while training
+    assert trainer.global_step == 2 and all(torch.isfinite(p).all() for p in module.parameters())
+    assert (tmp_path / "encoder.safetensors").is_file()
 
 
 @pytest.mark.slow

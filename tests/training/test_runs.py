@@ -66,3 +66,13 @@ def test_training_commands_cache_their_file_listings(tmp_path, one_thread):
         "--workers", "0", "--accelerator", "cpu", "--devices", "1", "--precision", "32", "--max-steps", "1",
         "--output", str(tmp_path / "ft")]))
     assert len(set(default_cache().glob("*.npz")) - before - cached) == 2  # train/ and val/
+
+
+def test_the_trainer_tunes_cudnn_for_fixed_shapes(tmp_path, monkeypatch):
+    import torch
+
+    from fcmae.training.trainer import make_trainer
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
+    make_trainer(pretrain_parser().parse_args(["--accelerator", "cpu", "--devices", "1"]), tmp_path, [], epochs=1,
+                 accumulate=1)
+    assert torch.backends.cudnn.benchmark
