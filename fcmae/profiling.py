@@ -47,10 +47,11 @@ class StepSyncs(Callback):
     schedule, callbacks); `quiet[step]`: neither step wrote logs. The first step has no count.
 
     CPU: the profiler's SYNC_OPS events outside HOST_SCOPES, one per read. CUDA: the warnings of
-    `torch.cuda.set_sync_debug_mode("warn")`; `messages` keeps the first few, naming where."""
+    `torch.cuda.set_sync_debug_mode("warn")`; `places` counts them by the Python line that made
+    them ("file:line")."""
 
     def __init__(self):
-        self.counts, self.quiet, self.messages = {}, {}, []
+        self.counts, self.quiet, self.places = {}, {}, Counter()
         self.window, self.cuda, self.logged = None, False, True
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
@@ -82,9 +83,9 @@ class StepSyncs(Callback):
         window, self.window = self.window, None
         if self.cuda:
             torch.cuda.set_sync_debug_mode(0)
-            syncs = [str(w.message) for w in self.caught if "synchroniz" in str(w.message).lower()]
+            syncs = [f"{w.filename}:{w.lineno}" for w in self.caught if "synchroniz" in str(w.message).lower()]
             window.__exit__(None, None, None)
-            self.messages += syncs[:max(0, 20 - len(self.messages))]
+            self.places.update(syncs)
             return len(syncs)
         window.stop()
         # One read nests several sync ops (is_nonzero -> item -> _local_scalar_dense): the outermost counts.
