@@ -38,8 +38,8 @@ def param_groups(model, weight_decay, skip=None, lr_scale=None):
 
 def adamw(groups, device, **kwargs):
     """torch's AdamW over `groups` of parameters on `device`: the fused implementation where torch
-    has one (CUDA, CPU: one kernel over all tensors; on CUDA the step counts stay on the device),
-    else foreach. On 2 CPU cores its step takes a quarter of foreach's (docs/internals.md)."""
+    has one (CUDA, CPU: one kernel over all tensors of a group), else foreach. On CPU its step
+    takes a quarter of foreach's (docs/internals.md)."""
     fused = torch.device(device).type in ("cuda", "cpu")
     return torch.optim.AdamW(groups, fused=fused, foreach=None if fused else True, **kwargs)
 
