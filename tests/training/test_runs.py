@@ -7,7 +7,7 @@ from fcmae.errors import UserError
 from fcmae.training.flags import with_recipe
 from fcmae.training.trainer import world_size
 
-SHARED = ("accelerator", "devices", "num_nodes", "precision", "workers", "output", "resume", "no_resume",
+SHARED = ("accelerator", "devices", "num_nodes", "precision", "workers", "channels_last", "output", "resume", "no_resume",
           "trust_checkpoint", "log_every", "dry_run", "batch_size", "epochs", "max_steps", "blr", "lr", "min_lr",
           "warmup_epochs", "weight_decay", "seed")
 
