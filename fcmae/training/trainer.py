@@ -1,7 +1,6 @@
 """The Trainer of every training run: the hardware flags (accelerator, devices, nodes, strategy
 and its DDP/FSDP settings, precision), crash-safe checkpoint files, TensorBoard, the run layer's
-own callbacks, the device count Lightning gives for plans made before the Trainer exists, and
-which steps write logs."""
+own callbacks, and the device count Lightning gives for plans made before the Trainer exists."""
 import logging
 from contextlib import contextmanager
 
