@@ -1,7 +1,7 @@
 """The host-device syncs a training step makes.
 
-    syncs = count_syncs(step)                  # {"aten::nonzero": 0, ...} of one call
-    trainer = L.Trainer(..., callbacks=[StepSyncs()])   # per training step, through Lightning
+    counter = StepSyncs()
+    trainer = L.Trainer(..., callbacks=[counter])   # counter.counts: {step: syncs}, through Lightning
 
 A sync makes a CUDA host wait until the device has caught up: the host stops queueing work
 ahead, and CUDA graphs and `torch.compile` graphs break there. On CPU the same ops are counted
@@ -20,18 +20,6 @@ from fcmae.training.callbacks import writes_logs
 # Ops that make a CUDA host wait for the device: a tensor read into Python, or an output whose
 # size depends on the data.
 SYNC_OPS = ("aten::nonzero", "aten::_local_scalar_dense", "aten::item", "aten::is_nonzero")
-
-
-def count_syncs(fn):
-    """{op: calls} of the host-device sync ops (`SYNC_OPS`) that fn() makes, counted on any device
-    (a CPU run shows the ops that would block a CUDA host) as the profiler's operator events.
-    Blind spot: on CPU, copies to the host (`.tolist()`, `.cpu()`, `.numpy()`) are no operator;
-    CUDA's `torch.cuda.set_sync_debug_mode("warn")` catches them (scripts/gpu_check.sh)."""
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
-        fn()
-    counts = Counter(e.name for e in prof.events() if e.name in SYNC_OPS)
-    return {name: counts.get(name, 0) for name in SYNC_OPS}
-
 
 # Profiler scopes whose syncs are not the device's: loading a batch in the training process
 # (--workers 0; torchvision's transforms read their random numbers with .item(), on the CPU
