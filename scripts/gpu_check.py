@@ -17,7 +17,7 @@ every part. Parts (`PARTS`):
   Expected on steps that write no logs: 1, the finite check (docs/internals.md).
 - kernels: the profiler's top kernels of one sparse bf16 training step (which depthwise kernel runs).
 - agreement: bf16 sparse vs dense, and vs float32 dense: encoder output and parameter gradients
-  within the mixed-precision tolerances of tests/test_mixed_precision.py.
+  within the mixed-precision tolerances of the tests (tests/helpers.py).
 - fsdp_policy: FCMAE under the run's FSDP mixed-precision policy (torch FSDP on one rank) vs float32.
 - fsdp_2rank: `fcmae pretrain --strategy fsdp --devices 2`, 5 steps per backend, with 2 GPUs or more.
 """
@@ -183,8 +183,7 @@ def kernels(cuda, quick, tmp):
 
 def agreement(cuda, quick, tmp):
     import torch
-    from helpers import TINY, randomize_
-    from test_mixed_precision import TOLERANCES
+    from helpers import MIXED_PRECISION_TOLERANCES as TOLERANCES, TINY, randomize_
 
     from fcmae.encoders import SparseConvNeXtV2
     from fcmae.masking import random_mask
@@ -224,8 +223,7 @@ def fsdp_policy(cuda, quick, tmp):
 
     import torch
     import torch.distributed as dist
-    from helpers import TINY, randomize_
-    from test_mixed_precision import TOLERANCES
+    from helpers import MIXED_PRECISION_TOLERANCES as TOLERANCES, TINY, randomize_
     from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 
     from fcmae.masking import random_mask

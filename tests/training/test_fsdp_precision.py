@@ -2,9 +2,9 @@
 gradient reduction and buffers, inputs not cast. The strategy object is built here (Lightning's
 FSDP runs only on GPUs); its policy then drives torch's FSDP over 2 CPU processes (gloo) under
 bf16 autocast, as Lightning's FSDP precision runs the forward: loss and gradients agree with the
-unwrapped float32 model within the mixed-precision tolerances (tests/test_mixed_precision.py),
-gradients are reduced in float32, and the batch reaches the model in float32, where Lightning's
-own bf16 policy casts it (and so the loss target computed from it).
+unwrapped float32 model within the mixed-precision tolerances (helpers), gradients are reduced in
+float32, and the batch reaches the model in float32, where Lightning's own bf16 policy casts it
+(and so the loss target computed from it).
 
 The model there is a small convolutional one with FCMAE's kind of loss (its target made from the
 input), not FCMAE: CPU autocast leaves layer_norm alone, and a LayerNorm with bf16 weights on a
@@ -22,7 +22,7 @@ import torch
 from lightning.pytorch.plugins.precision import FSDPPrecision
 
 from fcmae.training.trainer import fsdp_strategy
-from test_mixed_precision import TOLERANCES
+from helpers import MIXED_PRECISION_TOLERANCES
 
 
 def test_the_strategy_carries_the_policy():
@@ -124,7 +124,7 @@ def test_fsdp_bf16_policy_matches_the_float32_model(tmp_path):
     result = subprocess.run([sys.executable, str(script), str(free_port()), str(tmp_path)], env=env,
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
-    forward, gradients = TOLERANCES[torch.bfloat16]
+    forward, gradients = MIXED_PRECISION_TOLERANCES[torch.bfloat16]
     for rank in range(2):
         got = json.loads((tmp_path / f"rank{rank}.json").read_text())
         ours, lightnings = got["ours"], got["lightning"]
