@@ -181,22 +181,25 @@ class EpochSummary(Callback):
     appended to the run's metrics.jsonl, which curves.png is drawn from."""
 
     def __init__(self, path):
-        self.path, self.history, self.losses = Path(path), [], []
+        self.path, self.history, self.loss_sum, self.batches = Path(path), [], 0, 0
 
     def on_train_epoch_start(self, trainer, module):
-        self.losses = []
+        self.loss_sum, self.batches = 0, 0
 
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
-        # Lightning hands back the loss divided by the accumulation it backpropagated.
-        self.losses.append(float(outputs["loss"]) * trainer.accumulate_grad_batches)
+        # Lightning hands back the loss divided by the accumulation it backpropagated. Summed on
+        # the device: read once per epoch, not once per step.
+        self.loss_sum = self.loss_sum + outputs["loss"].detach() * trainer.accumulate_grad_batches
+        self.batches += 1
 
     def on_train_epoch_end(self, trainer, module):  # after the epoch's validation
         m = {k: float(v) for k, v in trainer.callback_metrics.items()}
         row = {"epoch": trainer.current_epoch, "step": trainer.global_step,
-               "train_loss": sum(self.losses) / len(self.losses) if self.losses else None,
+               "train_loss": float(self.loss_sum) / self.batches if self.batches else None,
                "top1": m.get("val/top1"), "top5": m.get("val/top5"),
                "ema_top1": m.get("val_ema/top1"), "ema_top5": m.get("val_ema/top5"),
-               "val_loss": m.get("val/loss"), "ema_val_loss": m.get("val_ema/loss"), "lr": m.get("lr")}
+               "val_loss": m.get("val/loss"), "ema_val_loss": m.get("val_ema/loss"),
+               "lr": max(g["lr"] for g in trainer.optimizers[0].param_groups)}  # the head's, at the epoch's end
         self.history.append(row)
         if trainer.is_global_zero:
             if row["top1"] is None:

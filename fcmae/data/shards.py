@@ -402,9 +402,9 @@ class ShardViews(IterableDataset):
         return torch.stack(views), torch.stack(masks)
 
 
-def open_shards(data, in_chans, samples_per_epoch, transform_for, input_size, mask_ratio, seed, batch_size,
+def open_shards(data, in_chans, samples_per_epoch, transform, input_size, mask_ratio, seed, batch_size,
                 shuffle_buffer, strict):
-    """`--data SHARDS` -> (ShardViews, kind). `transform_for(arrays)` builds the augmentation."""
+    """`--data SHARDS` -> (ShardViews with the augmentation `transform`, whether it holds arrays)."""
     urls, samples, index = resolve_shards(data, samples_per_epoch)
     if index is not None:
         kind = index["kind"]
@@ -413,7 +413,7 @@ def open_shards(data, in_chans, samples_per_epoch, transform_for, input_size, ma
                                f"pass `in_chans` {index['in_chans']}")
     else:  # without an index: arrays are what more or fewer than 3 (RGB) or 1 (gray) channels need
         kind = "images" if in_chans in (1, 3) else "arrays"
-    views = ShardViews(urls, samples, kind, in_chans, transform_for(kind == "arrays"), input_size, mask_ratio, seed,
+    views = ShardViews(urls, samples, kind, in_chans, transform, input_size, mask_ratio, seed,
                        batch_size, shuffle_buffer, strict)
     return views, kind == "arrays"
 

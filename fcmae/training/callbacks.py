@@ -1,6 +1,6 @@
-"""Trainer add-ons every training task may use: crash-safe checkpoint files, last.ckpt upkeep,
-images/s, counts of unreadable files skipped, the RNG states in the checkpoint, and progress
-output (a bar in a terminal, plain lines in a log)."""
+"""Trainer add-ons every training task may use: which steps write logs, crash-safe checkpoint
+files, last.ckpt upkeep, images/s, counts of unreadable files skipped, the RNG states in the
+checkpoint, and progress output (a bar in a terminal, plain lines in a log)."""
 import datetime
 import os
 import random
@@ -17,6 +17,17 @@ from fcmae.checkpoints import load, save_torch
 from fcmae.data.reading import SKIPPED_FILES_ENV
 from fcmae.files import atomic_write
 from fcmae.rundir import LAST
+
+
+# ----------------------------------------------------------------------------- logging
+
+def writes_logs(trainer):
+    """Whether Lightning writes the values logged at this optimizer step (every --log-every
+    steps; Lightning's own rule, the same in every hook of the step). Tasks log only then: a
+    value logged at another step is never written, and still costs the device its copies (a
+    Python number becomes a device tensor; a progress-bar value is read back at every batch)."""
+    return trainer._logger_connector.should_update_logs
+
 
 # ----------------------------------------------------------------------------- checkpoints
 
@@ -135,26 +146,31 @@ class SkippedFiles(Callback):
 # ----------------------------------------------------------------------------- throughput
 
 class Throughput(Callback):
-    """Logs images/s over all ranks (`train/images_per_sec`, also on the progress bar),
-    smoothed over recent batches; the time includes data loading."""
+    """Logs images/s over all ranks (`train/images_per_sec`) at the steps that write logs
+    (`writes_logs`): the images of all ranks since the previous such step over the time they
+    took, data loading included. Host time: the step's finite check (fcmae/module.py) keeps the
+    host in step with the device."""
 
     # Not Lightning's ThroughputMonitor: its names are fixed (`train/samples_per_sec`, logged only
-    # with more than one rank; `train/device/samples_per_sec` otherwise), it writes straight to
-    # the logger (never the progress bar) and only once its window (100 batches) is full.
+    # with more than one rank; `train/device/samples_per_sec` otherwise) and it writes straight to
+    # the logger only once its window (100 batches) is full.
 
-    def __init__(self, smoothing=0.9):
-        self.smoothing, self.last, self.rate = smoothing, None, None
+    def __init__(self):
+        self.start, self.images, self.step = None, 0, None
 
     def on_train_epoch_start(self, trainer, pl_module):
-        self.last = None  # the gap between epochs is not a training step
+        self.start = None  # the gap between epochs is not a training step
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        now = time.perf_counter()
-        if self.last is not None:
-            rate = batch[0].shape[0] * trainer.world_size / (now - self.last)
-            self.rate = rate if self.rate is None else self.smoothing * self.rate + (1 - self.smoothing) * rate
-            pl_module.log("train/images_per_sec", self.rate, prog_bar=True)
-        self.last = now
+        now, stepped = time.perf_counter(), trainer.global_step != self.step
+        self.step = trainer.global_step
+        if self.start is None:
+            self.start, self.images = now, 0
+            return
+        self.images += batch[0].shape[0] * trainer.world_size
+        if stepped and writes_logs(trainer):  # the batch that ends an accumulation window
+            pl_module.log("train/images_per_sec", self.images / (now - self.start))
+            self.start, self.images = now, 0
 
 
 # ----------------------------------------------------------------------------- progress

@@ -46,8 +46,9 @@ resume (`resume_checkpoint`, refusing another model's; an unreadable last.ckpt g
 run's newest readable checkpoint), keep the checkpoint's effective batch on another device count
 (`keep_effective_batch`), build the Trainer (training.trainer: its progress output is a bar in a
 terminal, a plain line every --log-every steps otherwise), print the resolved configuration (and
-stop there with --dry-run), print the notes, seed, write config.yaml and fit (`fit`: a
-non-finite loss names the last good checkpoint, a signal leaves last.ckpt and raises `Stopped`).
+stop there with --dry-run), print the notes, seed, build the module (its weights channels-last
+with --channels-last), write config.yaml and fit (`fit`: a non-finite loss names the last good
+checkpoint, a signal leaves last.ckpt and raises `Stopped`).
 A task's plan is a pure function of its flags and data, so a resumed run plans the same
 schedule again.
 """
@@ -63,7 +64,7 @@ from lightning.pytorch.utilities import rank_zero_only
 
 from fcmae.checkpoints import read_run_checkpoint
 from fcmae.errors import NonFiniteLoss, UserError
-from fcmae.precision import resolve_precision
+from fcmae.precision import resolve_precision, use_tf32
 from fcmae.rundir import RunDir, read_scalars, write_config
 from fcmae.training.callbacks import LastCheckpoint
 from fcmae.training.trainer import auto_workers, make_trainer, training_threads, world_size
@@ -135,6 +136,8 @@ def train(task):
     print_notes(resolved)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     module = task.module(resolved, data)
+    if cfg.get("channels_last"):  # before the strategy wraps it: DDP's buckets take the parameters' strides
+        module = module.to(memory_format=torch.channels_last)
     fit(trainer, module, resolved, ckpt_path, datamodule=data)
     return task.finish(trainer, module, resolved)
 
@@ -318,7 +321,7 @@ def fit(trainer, module, resolved, ckpt_path=None, **data):
     if trainer.strategy.root_device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
         # Leave the loader workers their cores (docs/internals.md, "Threads").
         torch.set_num_threads(training_threads(resolved["workers"], trainer.num_devices))
-    torch.set_float32_matmul_precision("high")  # TF32 matmuls on GPUs that have them
+    use_tf32()
     try:
         with warnings.catch_warnings():
             # Our data modules resume inside an epoch themselves (they skip what the checkpoint's
