@@ -1,9 +1,10 @@
 """What every training command optimizes with: one rule for AdamW's parameter groups (weight decay,
-optional layer-wise lr scales) and one lr schedule per optimizer step (linear warmup from 0, then a
-cosine to min_lr: timm's CosineLRScheduler), with the LightningModule hooks that drive it."""
+optional layer-wise lr scales) and the lr schedules per optimizer step, both linear warmups from 0:
+then a cosine to min_lr (pre-training, fine-tuning: timm's CosineLRScheduler) or a polynomial
+decay (segmentation: timm's PolyLRScheduler), with the LightningModule hooks that drive them."""
 import math
 
-from timm.scheduler import CosineLRScheduler
+from timm.scheduler import CosineLRScheduler, PolyLRScheduler
 
 # GRN's gamma/beta are (1, 1, 1, C) in the public layout, so the 1-D rule alone would miss them.
 NO_DECAY_SUFFIXES = (".bias", "grn.gamma", "grn.beta")
@@ -52,8 +53,19 @@ def cosine_schedule(optimizer, total_steps, warmup_steps, min_lr):
     return scheduler
 
 
+def poly_schedule(optimizer, total_steps, warmup_steps, power=1.0, min_lr=0.0):
+    """The lr at optimizer step t (`step_update(t)`): lr * t / warmup_steps during the warmup,
+    then min_lr + (lr - min_lr) * (1 - t / total_steps) ** power, t counted from step 0 as
+    mmcv's poly counts it (the warmup is not a prefix), min_lr from `total_steps` on; times each
+    group's lr_scale. Sets the lr of step 0."""
+    scheduler = PolyLRScheduler(optimizer, t_initial=max(1, total_steps), power=power, lr_min=min_lr,
+                                warmup_t=warmup_steps, warmup_lr_init=0.0, warmup_prefix=False, t_in_epochs=False)
+    scheduler.step_update(num_updates=0)
+    return scheduler
+
+
 class StepSchedule:
-    """LightningModule hooks for `cosine_schedule`, stepped once per optimizer step.
+    """LightningModule hooks for `cosine_schedule` and `poly_schedule`, stepped once per optimizer step.
 
     The schedule is a function of the step and of this run's values (lr, epochs, warmup), so on
     resume it is rebuilt from them rather than restored: a rerun with another --lr (e.g. lower,
@@ -64,6 +76,11 @@ class StepSchedule:
         _, total, warmup = schedule_steps(self.batches_per_epoch(), self.trainer.accumulate_grad_batches,
                                           self.trainer.max_epochs, warmup_epochs)
         return {"scheduler": cosine_schedule(optimizer, total, warmup, min_lr), "interval": "step"}
+
+    def poly_lr_schedule(self, optimizer, total_steps, warmup_steps, power=1.0, min_lr=0.0):
+        """The scheduler config for configure_optimizers, its length given in optimizer steps
+        (segmentation's recipe counts iterations, not epochs)."""
+        return {"scheduler": poly_schedule(optimizer, total_steps, warmup_steps, power, min_lr), "interval": "step"}
 
     def batches_per_epoch(self):
         """Training batches per epoch on each rank. Asked of the datamodule when it can tell
