@@ -63,3 +63,72 @@ def labelled_images(root, classes=3, per_class=8, size=64, val_per_class=0, seed
                     draw.polygon([(x - r, y + r), (x + r, y + r), (x, y - r)], fill=colours[c % len(colours)])
                 img.save(folder / f"{i:03d}.png")
     return root
+
+
+SHAPE_COLOURS = [(220, 30, 30), (30, 200, 30), (30, 30, 220), (220, 200, 30), (200, 30, 200), (30, 200, 200)]
+
+
+def draw_shape(draws, kind, box, fills):
+    """Draw one shape (0 disc, 1 square, 2 triangle) into every ImageDraw of `draws`, each with its fill."""
+    x0, y0, x1, y1 = box
+    for draw, fill in zip(draws, fills):
+        if kind == 0:
+            draw.ellipse(box, fill=fill)
+        elif kind == 1:
+            draw.rectangle(box, fill=fill)
+        else:
+            draw.polygon([(x0, y1), (x1, y1), ((x0 + x1) // 2, y0)], fill=fill)
+
+
+def segmentation_images(root, layout="generic", train=8, val=4, size=64, classes=4, seed=0, mask_mode="L",
+                        arrays=False, names=True):
+    """A tiny segmentation set: on a noisy gray background (label 0), one to three shapes of
+    labels 1..classes-1 (label c: shape (c - 1) % 3, colour SHAPE_COLOURS[c - 1]) at random
+    places and sizes; the masks hold the labels. layout "generic": root/{train,val}/{images,masks}
+    (.png images); "ade20k": root/images/{training,validation}/*.jpg and
+    root/annotations/{training,validation}/*.png with labels stored + 1 and a border of 0
+    ("other"), as ADE20K stores them (reduce_zero_label gives the labels back). `mask_mode`: "L",
+    "P" (palette) or "I;16"; `arrays`: images as .npy float32 (3, H, W) in [0, 1]; `names`:
+    write root/classes.txt. Returns root."""
+    import numpy as np
+    from PIL import Image, ImageDraw
+    rng = np.random.default_rng(seed)
+    folders = {"generic": {"train": ("train/images", "train/masks"), "val": ("val/images", "val/masks")},
+               "ade20k": {"train": ("images/training", "annotations/training"),
+                          "val": ("images/validation", "annotations/validation")}}[layout]
+    for split, n in (("train", train), ("val", val)):
+        if not n:
+            continue
+        image_dir, mask_dir = (root / f for f in folders[split])
+        image_dir.mkdir(parents=True, exist_ok=True)
+        mask_dir.mkdir(parents=True, exist_ok=True)
+        for i in range(n):
+            img = Image.fromarray(rng.integers(100, 156, (size, size, 3), dtype=np.uint8))
+            mask = Image.new("L", (size, size), 0)
+            for _ in range(int(rng.integers(1, 4))):
+                label = int(rng.integers(1, classes))
+                r = int(rng.integers(size // 8, size // 4))
+                x, y = (int(v) for v in rng.integers(r, size - r, 2))
+                draw_shape([ImageDraw.Draw(img), ImageDraw.Draw(mask)], (label - 1) % 3, [x - r, y - r, x + r, y + r],
+                           [SHAPE_COLOURS[(label - 1) % len(SHAPE_COLOURS)], label])
+            labels = np.asarray(mask).astype(np.int64)
+            if layout == "ade20k":
+                labels = labels + 1
+                labels[:2], labels[:, :2] = 0, 0  # "other"
+            stem = f"{split}_{i:03d}"
+            if arrays:
+                np.save(image_dir / f"{stem}.npy", (np.asarray(img, np.float32) / 255).transpose(2, 0, 1))
+            else:
+                img.save(image_dir / f"{stem}.{'jpg' if layout == 'ade20k' else 'png'}")
+            if mask_mode == "P":
+                out = Image.fromarray(labels.astype(np.uint8), mode="P")
+                out.putpalette([v for c in range(256) for v in ((37 * c) % 256, (91 * c) % 256, (53 * c) % 256)])
+            elif mask_mode == "I;16":
+                out = Image.fromarray(labels.astype(np.uint16))
+            else:
+                out = Image.fromarray(labels.astype(np.uint8), mode="L")
+            out.save(mask_dir / f"{stem}.png")
+    if names:
+        (root / "classes.txt").write_text("".join(f"{n}\n" for n in ["background", "disc", "square", "triangle",
+                                                                      "disc2", "square2"][:classes]))
+    return root
