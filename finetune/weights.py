@@ -11,13 +11,30 @@ from timm.layers import trunc_normal_
 from fcmae.checkpoints import KINDS, read_weights, size_name
 from fcmae.errors import UserError
 
-__all__ = ["load_pretrained"]
+__all__ = ["load_pretrained", "misfit"]
 
 HEAD = ("head.weight", "head.bias")
 
 
 def _shape(t):
     return "(" + ", ".join(map(str, t.shape)) + ")"
+
+
+def misfit(own, state, optional=("norm.", "head.")):
+    """Why the weights `state` do not fit the model state `own` tensor for tensor, as (fact,
+    "shape" | "keys"), or None when they fit. "shape": a tensor of another shape (another size or
+    in_chans), the first in the model's order (the stem's weight first); "keys": a tensor one side
+    lacks (another size). Model tensors under `optional` may be absent from the file."""
+    for k in own:
+        if k in state and state[k].shape != own[k].shape:
+            return f"{k} is {_shape(state[k])} in the file but {_shape(own[k])} in the model", "shape"
+    unexpected = sorted(k for k in state if k not in own)
+    missing = sorted(k for k in own if k not in state and not k.startswith(optional))
+    if unexpected or missing:
+        k = (unexpected or missing)[0]
+        where = "in the file but not in the model" if unexpected else "in the model but not in the file"
+        return f"{k} is {where} ({len(unexpected)} unexpected, {len(missing)} missing trunk tensors)", "keys"
+    return None
 
 
 def load_pretrained(model, path, trust=False):
@@ -37,19 +54,12 @@ def load_pretrained(model, path, trust=False):
     for k in HEAD:
         if k in state and k in own and state[k].shape != own[k].shape:
             dropped.append(f"{k} {_shape(state.pop(k))}")
-    for k in own:  # in the model's order: the stem's weight first
-        if k in state and state[k].shape != own[k].shape:
-            raise UserError(f"--pretrained {path} does not fit {size}: {k} is {_shape(state[k])} in the file but "
-                            f"{_shape(own[k])} in the model: pass the --model and --in-chans it was trained with")
-    unexpected = sorted(k for k in state if k not in own)
+    problem = misfit(own, state)
+    if problem:
+        fact, kind = problem
+        fix = "the --model and --in-chans" if kind == "shape" else "the --model"
+        raise UserError(f"--pretrained {path} does not fit {size}: {fact}: pass {fix} it was trained with")
     missing = sorted(k for k in own if k not in state)
-    trunk_missing = [k for k in missing if not k.startswith(("norm.", "head."))]
-    if unexpected or trunk_missing:
-        k = (unexpected or trunk_missing)[0]
-        where = "in the file but not in the model" if unexpected else "in the model but not in the file"
-        raise UserError(f"--pretrained {path} does not fit {size}: {k} is {where} "
-                        f"({len(unexpected)} unexpected, {len(trunk_missing)} missing trunk tensors): "
-                        f"pass the --model it was trained with")
     model.load_state_dict(state, strict=False)
     if "head.weight" not in state:
         trunc_normal_(model.head.weight, std=2e-5)
