@@ -1,6 +1,7 @@
-"""fcmae: FCMAE self-supervised pre-training of ConvNeXt V2 encoders, then fine-tuning."""
+"""fcmae: FCMAE self-supervised pre-training of ConvNeXt V2 encoders, then fine-tuning and segmentation."""
 from fcmae.model import FCMAE
 from fcmae.predict import Classifier
+from fcmae.segment.segmenter import Segmenter
 
-__all__ = ["FCMAE", "Classifier"]
+__all__ = ["FCMAE", "Classifier", "Segmenter"]
 __version__ = "0.1.0"

@@ -78,35 +78,39 @@ def plot_confusion(cm, classes, path, title="confusion matrix"):
     return path
 
 
-def read_metrics(path):
-    """The rows of a metrics.jsonl, the last one per epoch (a resumed run may repeat an epoch)."""
+def read_metrics(path, x="epoch"):
+    """The rows of a metrics.jsonl, the last one per value of `x` (a resumed run may repeat one)."""
     rows = {}
     for line in Path(path).read_text().splitlines():
         if line.strip():
             row = json.loads(line)
-            rows[row["epoch"]] = row
+            rows[row[x]] = row
     return [rows[e] for e in sorted(rows)]
 
 
-def plot_curves(metrics, path):
-    """curves.png from metrics.jsonl: losses, val top-1 (raw and EMA), lr, per epoch."""
+# (panel's y label, [(metrics.jsonl key, line label), ...]) for each panel of curves.png
+CLASSIFICATION_PANELS = [("loss", [("train_loss", "train"), ("val_loss", "val"), ("ema_val_loss", "val (EMA)")]),
+                         ("val top-1 (%)", [("top1", "raw"), ("ema_top1", "EMA")]),
+                         ("lr", [("lr", "head lr")])]
+
+
+def plot_curves(metrics, path, panels=CLASSIFICATION_PANELS, x="epoch"):
+    """curves.png from metrics.jsonl: one panel per entry of `panels` (default: losses, val top-1
+    (raw and EMA), lr), against `x` (default: per epoch)."""
     plt = _figure()
-    rows = read_metrics(metrics)
-    epochs = [r["epoch"] for r in rows]
+    rows = read_metrics(metrics, x)
+    xs = [r[x] for r in rows]
 
     def series(key):
         return [r.get(key) if r.get(key) is not None else float("nan") for r in rows]
 
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
-    panels = [("loss", [("train_loss", "train"), ("val_loss", "val"), ("ema_val_loss", "val (EMA)")]),
-              ("val top-1 (%)", [("top1", "raw"), ("ema_top1", "EMA")]),
-              ("lr", [("lr", "head lr")])]
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4))
     for ax, (label, keys) in zip(axes, panels):
         for key, name in keys:
             values = series(key)
             if any(v == v for v in values):  # not all NaN
-                ax.plot(epochs, values, marker="o", markersize=3, label=name)
-        ax.set_xlabel("epoch")
+                ax.plot(xs, values, marker="o", markersize=3, label=name)
+        ax.set_xlabel(x)
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
         if ax.lines:

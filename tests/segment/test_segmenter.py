@@ -1,0 +1,146 @@
+"""The segmentation export (one weights writer, metadata) and fcmae.Segmenter: label maps at each
+input's own size from paths, PIL images, arrays and tensors; overlays, palette PNGs, fractions."""
+import json
+
+import numpy as np
+import pytest
+import torch
+from helpers import TINY, randomize_
+from PIL import Image
+from safetensors import safe_open
+
+from fcmae import Segmenter
+from fcmae.checkpoints import read_weights
+from fcmae.data import normalization
+from fcmae.segment.export import build_segmenter, read_segmenter, segmenter_meta, write_segmenter
+from fcmae.segment.inference import infer
+from fcmae.segment.model import UperNetSegmenter
+from fcmae.segment.report import default_palette
+
+CLASSES = ["background", "disc", "square"]
+
+
+def trained_stand_in(in_chans=3):
+    torch.manual_seed(0)
+    model = randomize_(UperNetSegmenter(TINY, 3, in_chans, channels=16, aux_channels=8)).eval()
+    with torch.no_grad():  # BatchNorm running statistics away from their init, so they must travel too
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.1, 0.1)
+                m.running_var.uniform_(0.5, 1.5)
+    return model
+
+
+def export(tmp_path, in_chans=3, suffix=".safetensors"):
+    model = trained_stand_in(in_chans)
+    norm = normalization(in_chans, in_chans != 3)
+    meta = segmenter_meta(model, CLASSES, default_palette(3), 64, (256, 64), norm)
+    return write_segmenter(tmp_path / f"segmenter{suffix}", model, meta, steps=7, mIoU=12.5), model
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".pth"])
+def test_the_export_round_trips_and_reads_as_an_encoder_anywhere(tmp_path, suffix):
+    path, model = export(tmp_path, suffix=suffix)
+    state, meta = read_segmenter(path)
+    assert meta["task"] == "segmentation" and meta["kind"] == "segmenter" and meta["classes"] == CLASSES
+    assert (meta["num_classes"], meta["input_size"], meta["scale"], meta["in_chans"]) == (3, 64, [256, 64], 3)
+    assert meta["palette"] == default_palette(3) and meta["normalization"]["mean"] == pytest.approx([0.485, 0.456, 0.406])
+    assert meta["head"] == {"name": "upernet", "channels": 16, "aux_channels": 8} and meta["steps"] == 7
+    assert set(state) == set(model.state_dict()) and all(torch.equal(state[k], v) for k, v in model.state_dict().items())
+    rebuilt = build_segmenter(state, meta)
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(rebuilt(x), model(x), rtol=0, atol=0)
+    weights = read_weights(path)  # the encoder in the public dense layout: pre-trained weights for anything
+    assert weights.kind == "encoder" and weights.model == TINY and weights.num_classes == 0
+    if suffix == ".safetensors":
+        with safe_open(path, "pt") as f:
+            assert f.metadata()["layout"] == "convnextv2-dense" and json.loads(f.metadata()["classes"]) == CLASSES
+            assert "downsample_layers.0.0.weight" in f.keys() and "decoder.psp.out_conv.0.weight" in f.keys()
+
+
+def test_a_lightning_checkpoint_of_the_segmentation_module_reads_too(tmp_path):
+    from fcmae.segment.module import SegmentModule
+    model = trained_stand_in()
+    meta = segmenter_meta(model, CLASSES, default_palette(3), 64, (256, 64), normalization(3, False))
+    module = SegmentModule(model, **meta)
+    path = tmp_path / "last.ckpt"
+    torch.save({"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams), "global_step": 1}, path)
+    state, got = read_segmenter(path)
+    assert got["classes"] == CLASSES and all(torch.equal(state[k], v) for k, v in model.state_dict().items())
+    encoder = read_weights(path)  # also usable as pre-trained weights (read as an encoder under model.encoder.*)
+    assert set(encoder.state) == {k[len("encoder."):] for k in model.state_dict() if k.startswith("encoder.")}
+
+
+def test_other_files_are_not_segmenters(tmp_path):
+    from fcmae.checkpoints import save_weights
+    from fcmae.encoders import ConvNeXtV2
+    path = tmp_path / "classifier.safetensors"
+    save_weights(path, ConvNeXtV2(TINY, num_classes=3).state_dict(), {"kind": "classifier"})
+    with pytest.raises(ValueError, match=r"classifier\.safetensors holds no segmenter \(no segmentation head\)"):
+        read_segmenter(path)
+
+
+def test_predict_gives_label_maps_at_each_inputs_own_size(tmp_path):
+    path, model = export(tmp_path)
+    seg = Segmenter.load(path, device="cpu")
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 256, (40, 70, 3), dtype=np.uint8)).save(tmp_path / "a.png")
+    Image.fromarray(rng.integers(0, 256, (90, 50), dtype=np.uint8)).save(tmp_path / "gray.png")  # converted to RGB
+    (tmp_path / "broken.jpg").write_bytes(b"not an image")
+    pil = Image.fromarray(rng.integers(0, 256, (33, 47, 3), dtype=np.uint8))
+    tensor = torch.rand(3, 64, 80)
+    results = seg.predict([tmp_path / "a.png", tmp_path / "gray.png", tmp_path / "broken.jpg", pil, tensor])
+    assert [r.labels.shape if r.labels is not None else None for r in results] == \
+        [(40, 70), (90, 50), None, (33, 47), (64, 80)]
+    assert results[2].error.startswith(str(tmp_path / "broken.jpg")) and results[0].error is None
+    assert results[0].path == str(tmp_path / "a.png") and results[3].path is None
+    assert all(r.labels.dtype == torch.uint8 and int(r.labels.max()) < 3 for r in results if r.labels is not None)
+    # the same as the library's inference on the normalized image
+    x = torch.from_numpy(np.array(Image.open(tmp_path / "a.png"))).permute(2, 0, 1).float() / 255
+    mean, std = normalization(3, False)
+    x = (x - torch.tensor(mean).view(3, 1, 1)) / torch.tensor(std).view(3, 1, 1)
+    expected = infer(model, x[None], scale=(256, 64))[0].argmax(0)
+    assert torch.equal(results[0].labels.long(), expected)
+    one = seg.predict(tmp_path / "a.png")  # one input: one result
+    assert torch.equal(one.labels, results[0].labels)
+
+
+def test_arrays_for_a_model_of_other_channel_counts(tmp_path):
+    path, _ = export(tmp_path, in_chans=5)
+    seg = Segmenter.load(path, device="cpu", window=(64, 48))
+    array = np.random.default_rng(0).random((5, 48, 72)).astype(np.float32)
+    np.save(tmp_path / "a.npy", array)
+    Image.new("RGB", (8, 8)).save(tmp_path / "photo.png")
+    arr, photo = seg.predict([tmp_path / "a.npy", tmp_path / "photo.png"])
+    expected = infer(seg.model, torch.from_numpy(array)[None], scale=(256, 64), window=(64, 48))[0].argmax(0)
+    assert torch.equal(arr.labels.long(), expected)  # as stored: no normalization for an arrays model
+    assert "an image, but the classifier takes 5-channel .npy arrays" in photo.error
+
+
+def test_tta_runs_every_ratio_and_flip():
+    from fcmae.segment.inference import TTA_RATIOS
+    model = trained_stand_in()
+    meta = segmenter_meta(model, CLASSES, default_palette(3), 32, (64, 32), None)
+    x = torch.rand(3, 32, 32)
+    got = Segmenter(model, meta, tta=True).predict(x).labels
+    assert torch.equal(got.long(), infer(model, x[None], scale=(64, 32), ratios=TTA_RATIOS, flip=True)[0].argmax(0))
+
+
+def test_overlay_label_png_and_fractions(tmp_path):
+    path, _ = export(tmp_path)
+    seg = Segmenter.load(path, device="cpu")
+    image = Image.fromarray(np.full((20, 30, 3), 100, np.uint8))
+    labels = torch.zeros(20, 30, dtype=torch.uint8)
+    labels[:, 15:] = 2
+    labels[0, 0] = 255  # ignored: shows the image
+    png = seg.label_image(labels)
+    assert png.mode == "P" and np.array(png).tolist() == labels.tolist()
+    assert png.getpalette()[6:9] == default_palette(3)[2]
+    over = np.array(seg.overlay(image, labels))
+    assert over.shape == (20, 30, 3) and over[0, 0].tolist() == [100, 100, 100]
+    assert over[5, 20].tolist() == [round(0.5 * 100 + 0.5 * c) for c in default_palette(3)[2]]
+    fractions = seg.fractions(labels)
+    assert list(fractions) == CLASSES
+    assert fractions["square"] == pytest.approx(300 / 600) and fractions["background"] == pytest.approx(299 / 600)
+    assert fractions["disc"] == 0.0
