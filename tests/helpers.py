@@ -132,3 +132,51 @@ def segmentation_images(root, layout="generic", train=8, val=4, size=64, classes
         (root / "classes.txt").write_text("".join(f"{n}\n" for n in ["background", "disc", "square", "triangle",
                                                                       "disc2", "square2"][:classes]))
     return root
+
+
+def plain_segmentation_loop(root, steps, batch_size=8, lr=1e-3, warmup=None, channels=64,
+                            encoder="tu-convnextv2_atto", seed=0):
+    """The reference for learnability: segmentation_models_pytorch's UPerNet (on timm's ConvNeXt V2
+    through smp's timm-universal encoder) in a plain PyTorch loop on a `segmentation_images`
+    set (generic layout, 3-channel images, masks 0..K-1): whole images normalized with ImageNet's
+    statistics, random horizontal flips, cross entropy, AdamW with a linear warmup then a linear
+    decay, `steps` optimizer steps. Returns the val mIoU in percent, from a confusion matrix
+    counted here (classes absent from truth and prediction left out), independent of fcmae."""
+    import numpy as np
+    import segmentation_models_pytorch as smp
+    from PIL import Image
+
+    def read(split):
+        images = sorted((root / split / "images").iterdir())
+        x = np.stack([np.asarray(Image.open(p).convert("RGB"), np.float32) / 255 for p in images])
+        y = np.stack([np.asarray(Image.open(root / split / "masks" / f"{p.stem}.png"), np.int64) for p in images])
+        mean, std = np.array([0.485, 0.456, 0.406], np.float32), np.array([0.229, 0.224, 0.225], np.float32)
+        return torch.from_numpy((x - mean) / std).permute(0, 3, 1, 2).contiguous(), torch.from_numpy(y)
+
+    (x, y), (vx, vy) = read("train"), read("val")
+    k = int(max(y.max(), vy.max())) + 1
+    torch.manual_seed(seed)
+    model = smp.UPerNet(encoder_name=encoder, encoder_weights=None, classes=k, decoder_channels=channels)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.05)
+    warmup = steps // 10 if warmup is None else warmup
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: s / warmup if s < warmup else max(0.0, 1 - s / steps))
+    g = torch.Generator().manual_seed(seed)
+    model.train()
+    for _ in range(steps):
+        idx = torch.randint(len(x), (batch_size,), generator=g)
+        xb, yb = x[idx].clone(), y[idx].clone()
+        flip = torch.rand(batch_size, generator=g) < 0.5
+        xb[flip], yb[flip] = xb[flip].flip(-1), yb[flip].flip(-1)
+        loss = torch.nn.functional.cross_entropy(model(xb), yb, ignore_index=255)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+    model.eval()
+    with torch.no_grad():
+        predicted = model(vx).argmax(1)
+    keep = vy != 255
+    confusion = torch.bincount(vy[keep] * k + predicted[keep], minlength=k * k).reshape(k, k).double()
+    tp, union = confusion.diag(), confusion.sum(0) + confusion.sum(1) - confusion.diag()
+    return float((tp[union > 0] / union[union > 0]).mean() * 100)
