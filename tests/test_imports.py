@@ -7,7 +7,8 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = {"fcmae": "fcmae", "encoders": "fcmae.encoders", "decoders": "fcmae.decoders", "finetune": "fcmae.finetune"}
+PACKAGES = {"fcmae": "fcmae", "encoders": "fcmae.encoders", "decoders": "fcmae.decoders", "finetune": "fcmae.finetune",
+            "segment": "fcmae.segment"}
 
 
 def modules():
