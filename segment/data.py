@@ -82,9 +82,9 @@ def list_pairs(images, masks, cache=None):
     is_array = paths.has_suffix(ARRAY_EXTENSIONS[0])
     if is_array.any() and not is_array.all():
         raise ValueError(f"{images} mixes images and .npy arrays: keep one kind per data folder")
-    have = {e.name for e in os.scandir(masks)} if masks.is_dir() else set()
+    have = {e.name for e in os.scandir(masks)} if masks.is_dir() else set()  # one listing, not a stat per image
     names = [Path(paths.relative(i)).with_suffix(MASK_SUFFIX).as_posix() for i in range(len(paths))]
-    missing = [i for i, name in enumerate(names) if Path(name).name not in have and not (masks / name).is_file()]
+    missing = [i for i, name in enumerate(names) if not (name in have if "/" not in name else (masks / name).is_file())]
     if missing:
         raise MissingMasks(f"{len(missing)} of {len(paths)} images in {images} have no mask: {paths[missing[0]]} "
                            f"has no {masks / names[missing[0]]}")
@@ -118,7 +118,8 @@ def read_mask(path, reduce_zero_label=False):
     except PIL_ERRORS as e:
         raise BadFile(f"{path} ({reason(e)})") from e
     if labels.min(initial=0) < 0 or labels.max(initial=0) > IGNORE:
-        raise BadFile(f"{path} (label {int(labels.max() if labels.max() > IGNORE else labels.min())}: labels run from 0 to {MAX_CLASSES - 1}, {IGNORE} = ignore)")
+        worst = int(labels.max() if labels.max() > IGNORE else labels.min())
+        raise BadFile(f"{path} (label {worst}: labels run from 0 to {MAX_CLASSES - 1}, {IGNORE} = ignore)")
     labels = torch.from_numpy(labels.astype(np.uint8))
     if reduce_zero_label:  # 0 -> IGNORE, k -> k - 1, IGNORE stays
         labels = torch.where((labels == 0) | (labels == IGNORE), IGNORE, labels - 1).to(torch.uint8)

@@ -6,6 +6,9 @@ UperNet is segmentation_models_pytorch's decoder: a LayerNorm on each stage outp
 pooling (scales 1, 2, 3, 6) on the last stage, FPN fusion of all four at 1/4 resolution,
 `channels` wide. State-dict keys: `encoder.*` (the public dense layout, without the pooled
 classifier's norm and head), `decoder.*`, `classifier.*`, `aux_head.*`.
+
+Training needs two or more images per BatchNorm (per device, or per step over all devices with
+SyncBatchNorm): the 1x1-pooled pyramid branch has one value per channel and image.
 """
 import torch.nn as nn
 import torch.nn.functional as F

@@ -51,7 +51,8 @@ def _rank(rank, init, out):
     import torch.distributed as dist
     dist.init_process_group("gloo", init_method=init, rank=rank, world_size=2)
     g = torch.Generator().manual_seed(rank)
-    truth, prediction = torch.randint(0, 3, (1 + rank, 8, 8), generator=g), torch.randint(0, 3, (1 + rank, 8, 8), generator=g)
+    truth = torch.randint(0, 3, (1 + rank, 8, 8), generator=g)  # rank 0: one image, rank 1: two
+    prediction = torch.randint(0, 3, (1 + rank, 8, 8), generator=g)
     metric = confusion_metric(3)
     metric.update(prediction, truth)
     torch.save({"mine": confusion_metric(3).to("cpu").forward(prediction, truth), "all": metric.compute()},

@@ -44,9 +44,11 @@ def test_the_export_round_trips_and_reads_as_an_encoder_anywhere(tmp_path, suffi
     state, meta = read_segmenter(path)
     assert meta["task"] == "segmentation" and meta["kind"] == "segmenter" and meta["classes"] == CLASSES
     assert (meta["num_classes"], meta["input_size"], meta["scale"], meta["in_chans"]) == (3, 64, [256, 64], 3)
-    assert meta["palette"] == default_palette(3) and meta["normalization"]["mean"] == pytest.approx([0.485, 0.456, 0.406])
+    assert meta["palette"] == default_palette(3)
+    assert meta["normalization"]["mean"] == pytest.approx([0.485, 0.456, 0.406])
     assert meta["head"] == {"name": "upernet", "channels": 16, "aux_channels": 8} and meta["steps"] == 7
-    assert set(state) == set(model.state_dict()) and all(torch.equal(state[k], v) for k, v in model.state_dict().items())
+    assert set(state) == set(model.state_dict())
+    assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
     rebuilt = build_segmenter(state, meta)
     x = torch.randn(1, 3, 64, 64)
     with torch.no_grad():
