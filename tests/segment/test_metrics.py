@@ -49,6 +49,7 @@ def test_batches_accumulate_as_one_confusion_matrix():
 
 def _rank(rank, init, out):
     import torch.distributed as dist
+    torch.set_num_threads(1)  # a forked child: no OpenMP pool of the parent's
     dist.init_process_group("gloo", init_method=init, rank=rank, world_size=2)
     g = torch.Generator().manual_seed(rank)
     truth = torch.randint(0, 3, (1 + rank, 8, 8), generator=g)  # rank 0: one image, rank 1: two
@@ -64,7 +65,8 @@ def test_the_confusion_matrix_is_summed_over_ranks(tmp_path):
     """Two processes over gloo, one image and two images: each computes the sum of both (ranks may
     hold different image counts, as the validation split across ranks gives them)."""
     import torch.multiprocessing as mp
-    mp.spawn(_rank, args=(f"file://{tmp_path / 'init'}", str(tmp_path / "out")), nprocs=2)
+    mp.start_processes(_rank, args=(f"file://{tmp_path / 'init'}", str(tmp_path / "out")), nprocs=2,
+                       start_method="fork")  # no re-import of torch in each process
     results = [torch.load(tmp_path / f"out.{r}") for r in range(2)]
     total = results[0]["mine"] + results[1]["mine"]
     assert torch.equal(results[0]["all"], total) and torch.equal(results[1]["all"], total)
