@@ -148,3 +148,17 @@ def test_no_layout_is_one_line(tmp_path):
 
 def test_spread_picks_images_across_the_set():
     assert spread(10, 4) == [0, 2, 5, 7] and spread(3, 4) == [0, 1, 2]
+
+
+def test_augmentations_are_seeded_per_item_whatever_the_order(tmp_path):
+    """What exact resume rests on: item `key` gets the same crop, flip and distortion in any process
+    and in any order (fcmae.finetune.data.SeededItems, which SegmentData's train loader serves)."""
+    from fcmae.finetune.data import SeededItems
+    from fcmae.segment.transforms import TrainTransform
+    root = segmentation_images(tmp_path, train=4, val=0)
+    layout = find_layout(root)
+    train = SeededItems(SegmentationSet(*list_pairs(*layout.train), 4, TrainTransform(32)), seed=5)
+    forward = [train[k] for k in range(8)]
+    backward = [train[k] for k in reversed(range(8))][::-1]
+    assert all(torch.equal(a.image, b.image) and torch.equal(a.mask, b.mask) for a, b in zip(forward, backward))
+    assert not torch.equal(forward[0].image, forward[4].image)  # the same image in the next epoch: other draws
