@@ -22,7 +22,6 @@ import os
 from pathlib import Path
 from typing import NamedTuple
 
-import lightning as L
 import numpy as np
 import torch
 from PIL import Image
