@@ -1,6 +1,6 @@
 """fcmae: FCMAE self-supervised pre-training of ConvNeXt V2 encoders, then fine-tuning and segmentation."""
+from fcmae.classifier import Classifier
 from fcmae.model import FCMAE
-from fcmae.predict import Classifier
 from fcmae.segment.segmenter import Segmenter
 
 __all__ = ["FCMAE", "Classifier", "Segmenter"]

@@ -1,5 +1,8 @@
 """The FCMAE LightningModule: the model, its loss, the optimizer and the schedule. The Trainer
 owns the loop, devices, precision, checkpoints and logging."""
+from dataclasses import asdict, dataclass, fields
+from typing import Union
+
 import lightning as L
 import torch
 from lightning.pytorch.strategies import FSDPStrategy
@@ -9,20 +12,48 @@ from fcmae.model import FCMAE
 from fcmae.optim import StepSchedule, no_weight_decay, param_groups
 
 
+@dataclass(frozen=True)
+class PretrainSettings:
+    """What a PretrainModule is built from: the model and its optimization. The fields are the
+    module's keyword arguments and, flat, its checkpoints' hyper_parameters."""
+    model: Union[str, dict] = "atto"  # a size name, or {"depths": [...], "dims": [...]}
+    backend: str = "dense"
+    in_chans: int = 3
+    input_size: int = 224
+    mask_ratio: float = 0.6
+    norm_pix_loss: bool = True
+    decoder_depth: int = 1
+    decoder_dim: int = 512
+    drop_path_rate: float = 0.0
+    lr: float = 1.5e-4
+    min_lr: float = 0.0
+    weight_decay: float = 0.05
+    betas: tuple = (0.9, 0.95)
+    warmup_epochs: float = 0.0
+
+    @classmethod
+    def from_config(cls, resolved):
+        """From a run's resolved configuration (keys named as the flags: drop_path, betas as a list)."""
+        own = {f.name for f in fields(cls)}
+        values = {k: v for k, v in resolved.items() if k in own}
+        return cls(**{**values, "drop_path_rate": resolved["drop_path"], "betas": tuple(resolved["betas"])})
+
+
 class PretrainModule(StepSchedule, L.LightningModule):
-    def __init__(self, model="atto", backend="dense", in_chans=3, input_size=224, mask_ratio=0.6,
-                 norm_pix_loss=True, decoder_depth=1, decoder_dim=512, drop_path_rate=0.0,
-                 lr=1.5e-4, min_lr=0.0, weight_decay=0.05, betas=(0.9, 0.95), warmup_epochs=0.0, config=None):
-        """`config`: the run's resolved command-line configuration, kept in checkpoints (and
-        exported with the weights) for the record."""
+    def __init__(self, *, config=None, **settings):
+        """`settings`: PretrainSettings' fields by keyword (so a checkpoint's hyper_parameters
+        rebuild the module: `PretrainModule(**hparams)`). `config`: the run's resolved
+        configuration, kept in checkpoints (and exported with the weights) for the record."""
         super().__init__()
-        self.save_hyperparameters()
-        self.model = FCMAE(model, backend, in_chans, input_size, mask_ratio, norm_pix_loss,
-                           decoder_depth, decoder_dim, drop_path_rate)
+        s = PretrainSettings(**settings)
+        self.save_hyperparameters({**asdict(s), "config": config})
+        self.model = FCMAE(model=s.model, backend=s.backend, in_chans=s.in_chans, img_size=s.input_size,
+                           mask_ratio=s.mask_ratio, norm_pix_loss=s.norm_pix_loss, decoder_depth=s.decoder_depth,
+                           decoder_dim=s.decoder_dim, drop_path_rate=s.drop_path_rate)
         self.no_weight_decay = no_weight_decay(self.model)  # before FSDP flattens the parameters
 
     def training_step(self, batch, batch_idx):
-        imgs, mask = batch[0], batch[1]  # (N, C, H, W), (N, H/32, W/32); masks come with the data (data.py)
+        imgs, mask = batch.view, batch.mask  # (N, C, H, W), (N, H/32, W/32): fcmae.data.views.MaskedView
         loss, _, _ = self.model(imgs, mask)
         self.stop_unless_finite(loss, "loss")
         self.log("train/loss", loss, prog_bar=True)

@@ -9,7 +9,7 @@ import torch
 from timm.layers import trunc_normal_
 
 from fcmae.checkpoints import KINDS, read_weights, size_name
-from fcmae.errors import UserError
+from fcmae.errors import SettingError
 
 __all__ = ["load_pretrained", "misfit"]
 
@@ -49,7 +49,7 @@ def load_pretrained(model, path, trust=False):
     state = dict(weights.state)
     own = model.state_dict()
     name = size_name(model.depths, model.dims) or f"{{depths: {list(model.depths)}, dims: {list(model.dims)}}}"
-    size = f"--model {name} --in-chans {model.in_chans}"
+    size = f"`model` {name} `in_chans` {model.in_chans}"
     dropped = []
     for k in HEAD:
         if k in state and k in own and state[k].shape != own[k].shape:
@@ -57,8 +57,8 @@ def load_pretrained(model, path, trust=False):
     problem = misfit(own, state)
     if problem:
         fact, kind = problem
-        fix = "the --model and --in-chans" if kind == "shape" else "the --model"
-        raise UserError(f"--pretrained {path} does not fit {size}: {fact}: pass {fix} it was trained with")
+        fix = "the `model` and `in_chans`" if kind == "shape" else "the `model`"
+        raise SettingError(f"`pretrained` {path} does not fit {size}: {fact}: pass {fix} it was trained with")
     missing = sorted(k for k in own if k not in state)
     model.load_state_dict(state, strict=False)
     if "head.weight" not in state:

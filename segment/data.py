@@ -4,7 +4,7 @@
 - generic: DIR/train/images/* with DIR/train/masks/<same stem>.png, DIR/val/ the same; without
   val/, a seeded share of train/ is held out (`val_split`).
 
-Images are read as pre-training reads them (fcmae.data.FileSamples: RGB or grayscale, 16-bit and
+Images are read as pre-training reads them (fcmae.data.sources.FileSamples: RGB or grayscale, 16-bit and
 transparent images converted, decompression bombs refused, or `.npy` arrays (C, H, W)). Masks are
 single-channel PNG label maps, 8- or 16-bit, grayscale or palette (the palette index is the label);
 IGNORE (255) marks pixels that are neither trained on nor scored. `reduce_zero_label` (ADE20K):
@@ -14,7 +14,7 @@ naming label i (after the reduction), when present (`read_classes`); else the co
 
 A pair that cannot be used (an unreadable image or mask, a mask of another size than its image, a
 label >= the number of classes other than IGNORE) is a BadFile: skipped and named like any
-unreadable file (fcmae.data.read_or_skip), or with `strict` an error. An image without a mask is
+unreadable file (fcmae.data.reading.read_or_skip), or with `strict` an error. An image without a mask is
 found when listing, and is an error (`MissingMasks`): the pairing is wrong, not one file.
 """
 import copy
@@ -28,9 +28,11 @@ from PIL import Image
 from torch.utils.data import Dataset, Subset
 from torchvision.transforms.v2.functional import pil_to_tensor
 
-from fcmae.data import ARRAY_EXTENSIONS, PIL_ERRORS, BadFile, FileSamples, list_files, read_or_skip, reason
-from fcmae.filelist import PathList
-from fcmae.finetune.data import FinetuneData, loader, stratified_split
+from fcmae.data.filelist import PathList
+from fcmae.data.labelled import stratified_split
+from fcmae.data.modules import LabelledData, loader
+from fcmae.data.reading import ARRAY_EXTENSIONS, PIL_ERRORS, BadFile, read_or_skip, reason
+from fcmae.data.sources import FileSamples, list_files
 
 IGNORE = 255  # the label of pixels that are neither trained on nor scored
 MAX_CLASSES = IGNORE  # labels 0..254: 255 is taken
@@ -73,7 +75,7 @@ def find_layout(root):
 def list_pairs(images, masks, cache=None):
     """(image paths, mask paths), paired by stem: `masks`/<stem>.png for every image (or .npy
     array) in `images`. Images without a mask are a MissingMasks error; masks without an image
-    are ignored. `cache`: a folder to keep the image listing in (fcmae.filelist)."""
+    are ignored. `cache`: a folder to keep the image listing in (fcmae.data.filelist)."""
     images, masks = Path(images), Path(masks)
     paths = list_files(images, cache)
     if not len(paths):
@@ -195,7 +197,7 @@ def subset(dataset, indices, transform):
     return Subset(share, indices)
 
 
-class SegmentData(FinetuneData):
+class SegmentData(LabelledData):
     """Fine-tuning's loaders (each rank's resumable share of a seeded permutation, augmentations
     seeded per item: a resumed run sees the batches the interrupted one would have), except that
     validation takes one image at a time, at its own size, and every val image exactly once over

@@ -75,7 +75,7 @@ class SegmentModule(StepSchedule, L.LightningModule):
 
     def on_load_checkpoint(self, checkpoint):
         super().on_load_checkpoint(checkpoint)
-        start_next_epoch(checkpoint)  # the loader is fine-tuning's (FinetuneData), and so is its resume rule
+        start_next_epoch(checkpoint)  # the loader is a LabelledData (fcmae.data.modules), and so is its resume rule
 
     def configure_optimizers(self):
         hp = self.hparams

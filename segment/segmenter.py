@@ -8,7 +8,7 @@
 
 The file is a segmentation export or a segmentation Lightning checkpoint (fcmae.segment.export);
 its metadata give the classes, palette, evaluation scale, normalization and in_chans. Inputs are
-read as `fcmae.Classifier` reads them (fcmae.predict.Inputs): image files converted to RGB or
+read as `fcmae.Classifier` reads them (fcmae.classifier.Inputs): image files converted to RGB or
 grayscale, `.npy` arrays (C, H, W), PIL images, tensors (read as arrays: uint8 scaled to [0, 1],
 float as given); then normalized as the model's training images were (arrays of a model trained
 on arrays are used as stored), rescaled to the evaluation scale, and their logits resized back.
@@ -21,8 +21,9 @@ import torch
 from PIL import Image
 from torchvision.transforms.v2.functional import pil_to_tensor
 
-from fcmae.data import BadFile, ToFloat
-from fcmae.predict import Inputs
+from fcmae.classifier import Inputs
+from fcmae.data.reading import BadFile
+from fcmae.data.transforms import ToFloat
 from fcmae.segment import report
 from fcmae.segment.export import build_segmenter, read_segmenter
 from fcmae.segment.inference import TTA_RATIOS, infer

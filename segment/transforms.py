@@ -7,9 +7,9 @@ tries); a horizontal flip; for RGB images the photometric distortion; normalizat
 `crop_size` (image 0, mask IGNORE). Evaluation (`EvalTransform`) only normalizes: the image keeps
 its size, and inference (inference.py) rescales it to the evaluation scale and the logits back.
 
-Images are uint8 (normalized with fcmae.data's statistics) or float arrays (used as stored, no
+Images are uint8 (normalized with fcmae.data.transforms' STATS) or float arrays (used as stored, no
 photometric distortion). Random draws come from torch's global generator, which the loader seeds
-per item (fcmae.finetune.data.SeededItems).
+per item (fcmae.data.modules.SeededItems).
 """
 import numpy as np
 import torch
@@ -18,7 +18,7 @@ from torchvision import tv_tensors
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as F
 
-from fcmae.data import ToFloat
+from fcmae.data.transforms import ToFloat
 from fcmae.segment.data import IGNORE
 
 
@@ -84,7 +84,7 @@ def photometric_distortion(image, brightness=32, contrast=(0.5, 1.5), saturation
 class TrainTransform:
     """(image (C, H, W) uint8 or float, mask (H, W) uint8) -> (image (C, S, S) float32, mask
     (S, S) int64), S = crop_size. `scale`: (long, short), default (4 S, S), ADE20K's 2048 x 512 at
-    S = 512; `norm`: (mean, std) for uint8 images, None for arrays (fcmae.data.normalization)."""
+    S = 512; `norm`: (mean, std) for uint8 images, None for arrays (fcmae.data.transforms.normalization)."""
 
     def __init__(self, crop_size=512, scale=None, ratio_range=(0.5, 2.0), cat_max_ratio=0.75, norm=None):
         self.crop_size, self.scale = crop_size, tuple(scale or (4 * crop_size, crop_size))

@@ -17,9 +17,9 @@ import pytest
 import torch
 from helpers import warmup_cosine
 
-from fcmae.callbacks import AtomicCheckpointIO
+from fcmae.commands.pretrain import fit
 from fcmae.model import FCMAE
-from fcmae.pretrain import fit
+from fcmae.training.callbacks import AtomicCheckpointIO
 
 from .conftest import FINETUNE, PRETRAIN, checkpoint_step, error_line, labeled_folder, run_command
 
@@ -29,8 +29,8 @@ pytestmark = pytest.mark.faults
 @pytest.fixture(scope="module")
 def real_checkpoint(tmp_path_factory):
     """A last.ckpt of a 2-step tiny run, as `fcmae pretrain` writes it."""
-    from fcmae.cli import with_recipe
-    from fcmae.pretrain import build_parser
+    from fcmae.commands.pretrain import build_parser
+    from fcmae.training.flags import with_recipe
     out = tmp_path_factory.mktemp("run")
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -127,8 +127,8 @@ def test_a_checkpoint_that_would_run_code_is_refused_before_it_runs(fcmae, tmp_p
 @pytest.fixture(scope="module")
 def finetune_checkpoint(tmp_path_factory):
     """A last.ckpt of a 2-step tiny fine-tuning run with its EMA, as `fcmae finetune` writes it."""
-    from fcmae.cli import recipe_path
-    from fcmae.finetune.cli import build_parser, train
+    from fcmae.commands.finetune import build_parser, train
+    from fcmae.training.flags import recipe_path
     out = tmp_path_factory.mktemp("ft")
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -159,7 +159,7 @@ def test_our_lightning_checkpoints_load_without_unsafe_unpickling(real_checkpoin
 
 SLOW_SAVE = textwrap.dedent("""
     import sys, time, torch
-    from fcmae.callbacks import AtomicCheckpointIO
+    from fcmae.training.callbacks import AtomicCheckpointIO
 
     class SlowFile:  # a slow disk: each write of torch.save's takes a while
         def __init__(self, f):

@@ -8,7 +8,7 @@ import torch
 from helpers import segmentation_images
 from PIL import Image
 
-from fcmae.data import BadFile, BadFileWarning
+from fcmae.data.reading import BadFile, BadFileWarning
 from fcmae.errors import UserError
 from fcmae.segment.data import (IGNORE, MissingMasks, SegmentationSet, count_classes, find_layout, list_pairs,
                                 read_classes, read_mask, spread, val_split)
@@ -152,8 +152,8 @@ def test_spread_picks_images_across_the_set():
 
 def test_augmentations_are_seeded_per_item_whatever_the_order(tmp_path):
     """What exact resume rests on: item `key` gets the same crop, flip and distortion in any process
-    and in any order (fcmae.finetune.data.SeededItems, which SegmentData's train loader serves)."""
-    from fcmae.finetune.data import SeededItems
+    and in any order (fcmae.data.modules.SeededItems, which SegmentData's train loader serves)."""
+    from fcmae.data.modules import SeededItems
     from fcmae.segment.transforms import TrainTransform
     root = segmentation_images(tmp_path, train=4, val=0)
     layout = find_layout(root)

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from helpers import TINY, plain_segmentation_loop, segmentation_images
 
-from fcmae.data import normalization
+from fcmae.data.transforms import normalization
 from fcmae.errors import NonFiniteLoss
 from fcmae.finetune import layer_decay
 from fcmae.segment.data import IGNORE, SegmentData, SegmentationSet, find_layout, list_pairs, read_classes

@@ -11,7 +11,7 @@ from safetensors import safe_open
 
 from fcmae import Segmenter
 from fcmae.checkpoints import read_weights
-from fcmae.data import normalization
+from fcmae.data.transforms import normalization
 from fcmae.segment.export import build_segmenter, read_segmenter, segmenter_meta, write_segmenter
 from fcmae.segment.inference import infer
 from fcmae.segment.model import UperNetSegmenter

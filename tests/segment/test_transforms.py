@@ -5,7 +5,8 @@ import pytest
 import torch
 from PIL import Image
 
-from fcmae.data import normalization, seeded
+from fcmae.data.transforms import normalization
+from fcmae.data.views import seeded
 from fcmae.segment.data import IGNORE
 from fcmae.segment.transforms import EvalTransform, TrainTransform, crop_box, photometric_distortion, rescale_size
 

@@ -9,7 +9,7 @@ from helpers import TINY, randomize_
 from safetensors.torch import save_file
 
 from fcmae import FCMAE
-from fcmae.checkpoints import read_weights, save_weights
+from fcmae.checkpoints import export_weights, read_weights, save_weights
 from fcmae.encoders import ConvNeXtV2
 from fcmae.encoders.convert import fcmae_to_release
 from fcmae.segment.export import segmenter_meta, write_segmenter
@@ -46,8 +46,7 @@ def pretrain_ckpt(model, path):
 def write_kind(kind, tmp_path, pretrained, classifier):
     """A file of `kind` as its maker writes it, and the encoder it holds."""
     if kind == "encoder export":
-        from fcmae.export import export
-        return export(pretrain_ckpt(pretrained, tmp_path / "last.ckpt"), tmp_path / "encoder.safetensors"), \
+        return export_weights(pretrain_ckpt(pretrained, tmp_path / "last.ckpt"), tmp_path / "encoder.safetensors"), \
             pretrained.encoder.state_dict()
     if kind == "pre-training last.ckpt":
         return pretrain_ckpt(pretrained, tmp_path / "last.ckpt"), pretrained.encoder.state_dict()
