@@ -26,7 +26,7 @@ import torch.nn.functional as F
 import yaml
 
 from fcmae.encoders import SIZES
-from fcmae.segment.model import UperNetSegmenter
+from fcmae.decoders.upernet import UperNetSegmenter
 
 
 def rss_gib():

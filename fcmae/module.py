@@ -7,9 +7,8 @@ import lightning as L
 import torch
 from lightning.pytorch.strategies import FSDPStrategy
 
-from fcmae.errors import NonFiniteLoss
 from fcmae.model import FCMAE
-from fcmae.optim import StepSchedule, no_weight_decay, param_groups
+from fcmae.optim import StepSchedule, StopUnlessFinite, no_weight_decay, param_groups
 
 
 @dataclass(frozen=True)
@@ -39,7 +38,7 @@ class PretrainSettings:
         return cls(**{**values, "drop_path_rate": resolved["drop_path"], "betas": tuple(resolved["betas"])})
 
 
-class PretrainModule(StepSchedule, L.LightningModule):
+class PretrainModule(StepSchedule, StopUnlessFinite, L.LightningModule):
     def __init__(self, *, config=None, **settings):
         """`settings`: PretrainSettings' fields by keyword (so a checkpoint's hyper_parameters
         rebuild the module: `PretrainModule(**hparams)`). `config`: the run's resolved
@@ -71,14 +70,6 @@ class PretrainModule(StepSchedule, L.LightningModule):
             # (and a checkpoint).
             self.stop_unless_finite(norm, "gradient norm")
         self.log("train/grad_norm", norm)
-
-    def stop_unless_finite(self, value, what):
-        """Raise NonFiniteLoss if `value` is NaN/inf on any rank (all ranks agree, so none is left
-        waiting in a collective). It is raised before this step's optimizer update and before any
-        checkpoint of it, so the last checkpoint keeps the last good state."""
-        if not self.trainer.strategy.reduce_boolean_decision(bool(torch.isfinite(value).all()), all=True):
-            # global_step counts finished optimizer steps
-            raise NonFiniteLoss(what, value.item(), self.trainer.global_step + 1, self.hparams.lr)
 
     def make_optimizer(self):
         hp = self.hparams

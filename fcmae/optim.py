@@ -1,10 +1,14 @@
 """What every training command optimizes with: one rule for AdamW's parameter groups (weight decay,
 optional layer-wise lr scales) and the lr schedules per optimizer step, both linear warmups from 0:
 then a cosine to min_lr (pre-training, fine-tuning: timm's CosineLRScheduler) or a polynomial
-decay (segmentation: timm's PolyLRScheduler), with the LightningModule hooks that drive them."""
+decay (segmentation: timm's PolyLRScheduler), with the LightningModule hooks that drive them,
+and the one rule for a non-finite loss (`StopUnlessFinite`)."""
 import math
 
+import torch
 from timm.scheduler import CosineLRScheduler, PolyLRScheduler
+
+from fcmae.errors import NonFiniteLoss
 
 # GRN's gamma/beta are (1, 1, 1, C) in the public layout, so the 1-D rule alone would miss them.
 NO_DECAY_SUFFIXES = (".bias", "grn.gamma", "grn.beta")
@@ -101,3 +105,16 @@ class StepSchedule:
     def on_train_start(self):
         # A resumed optimizer state carries the lr of the run that saved it: this run's lr at this step.
         self.lr_schedulers().step_update(num_updates=self.global_step)
+
+
+class StopUnlessFinite:
+    """LightningModule mixin: the one rule every training module stops by when its loss (or
+    gradient norm) is NaN/inf (needs `hparams.lr`, which the error suggests lowering)."""
+
+    def stop_unless_finite(self, value, what):
+        """Raise NonFiniteLoss if `value` is NaN/inf on any rank (all ranks agree, so none is left
+        waiting in a collective). It is raised before this step's optimizer update and before any
+        checkpoint of it, so the last checkpoint keeps the last good state."""
+        if not self.trainer.strategy.reduce_boolean_decision(bool(torch.isfinite(value).all()), all=True):
+            # global_step counts finished optimizer steps
+            raise NonFiniteLoss(what, value.item(), self.trainer.global_step + 1, self.hparams.lr)

@@ -27,9 +27,10 @@ from fcmae.data.transforms import eval_transform, train_transform
 from fcmae.encoders import ConvNeXtV2
 from fcmae.encoders.convnextv2 import size_config
 from fcmae.errors import UserError
-from fcmae.finetune import layer_decay
+from fcmae.encoders import layer_decay
 from fcmae.finetune.module import FinetuneModule, FinetuneSettings
-from fcmae.finetune.report import confusion_matrix, per_class_table, plot_confusion, plot_curves
+from fcmae.figures import plot_curves
+from fcmae.finetune.report import CLASSIFICATION_PANELS, confusion_matrix, per_class_table, plot_confusion
 from fcmae.finetune.weights import load_pretrained
 from fcmae.masking import check_input_size
 from fcmae.rundir import RunDir, append_metrics
@@ -279,7 +280,7 @@ def report(module, output, val_set, classes, cfg, best):
     and OUTPUT/confusion.png), and OUTPUT/curves.png from metrics.jsonl."""
     run = RunDir(output)
     if run.metrics.is_file():
-        print(f"wrote {plot_curves(run.metrics, run.curves)}")
+        print(f"wrote {plot_curves(run.metrics, run.curves, CLASSIFICATION_PANELS)}")
     if val_set is None or best is None:
         return
     which = "EMA" if best["ema"] else "raw"

@@ -8,33 +8,12 @@ model tensor for tensor. Reading and writing files is fcmae.checkpoints' job.
 import torch
 from timm.layers import trunc_normal_
 
-from fcmae.checkpoints import KINDS, read_weights, size_name
+from fcmae.checkpoints import KINDS, misfit, read_weights, shape_text, size_name
 from fcmae.errors import SettingError
 
-__all__ = ["load_pretrained", "misfit"]
+__all__ = ["load_pretrained"]
 
 HEAD = ("head.weight", "head.bias")
-
-
-def _shape(t):
-    return "(" + ", ".join(map(str, t.shape)) + ")"
-
-
-def misfit(own, state, optional=("norm.", "head.")):
-    """Why the weights `state` do not fit the model state `own` tensor for tensor, as (fact,
-    "shape" | "keys"), or None when they fit. "shape": a tensor of another shape (another size or
-    in_chans), the first in the model's order (the stem's weight first); "keys": a tensor one side
-    lacks (another size). Model tensors under `optional` may be absent from the file."""
-    for k in own:
-        if k in state and state[k].shape != own[k].shape:
-            return f"{k} is {_shape(state[k])} in the file but {_shape(own[k])} in the model", "shape"
-    unexpected = sorted(k for k in state if k not in own)
-    missing = sorted(k for k in own if k not in state and not k.startswith(optional))
-    if unexpected or missing:
-        k = (unexpected or missing)[0]
-        where = "in the file but not in the model" if unexpected else "in the model but not in the file"
-        return f"{k} is {where} ({len(unexpected)} unexpected, {len(missing)} missing trunk tensors)", "keys"
-    return None
 
 
 def load_pretrained(model, path, trust=False):
@@ -53,7 +32,7 @@ def load_pretrained(model, path, trust=False):
     dropped = []
     for k in HEAD:
         if k in state and k in own and state[k].shape != own[k].shape:
-            dropped.append(f"{k} {_shape(state.pop(k))}")
+            dropped.append(f"{k} {shape_text(state.pop(k))}")
     problem = misfit(own, state)
     if problem:
         fact, kind = problem

@@ -33,8 +33,8 @@ from fcmae.data.labelled import stratified_split
 from fcmae.data.modules import LabelledData, loader
 from fcmae.data.reading import ARRAY_EXTENSIONS, PIL_ERRORS, BadFile, read_or_skip, reason
 from fcmae.data.sources import FileSamples, list_files
+from fcmae.labelmaps import IGNORE
 
-IGNORE = 255  # the label of pixels that are neither trained on nor scored
 MAX_CLASSES = IGNORE  # labels 0..254: 255 is taken
 MASK_SUFFIX = ".png"
 # layout name: ((train images, train masks), (val images, val masks)), relative to DIR

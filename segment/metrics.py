@@ -10,7 +10,7 @@ accuracy: correct pixels / labelled pixels. (mmsegmentation's definitions.)
 import torch
 from torchmetrics.classification import MulticlassConfusionMatrix
 
-from fcmae.segment.data import IGNORE
+from fcmae.labelmaps import IGNORE
 
 
 def confusion_metric(num_classes):

@@ -3,30 +3,29 @@
 steps, mIoU on validation). Lightning owns the loop, devices, precision, checkpoints and logging.
 
 `self.model` is the UperNetSegmenter, so a checkpoint holds it as `model.*`; the segmenter's
-metadata (fcmae.segment.export.segmenter_meta) travel in `record` into its hyper_parameters, from
-which fcmae.segment.export.read_segmenter rebuilds it.
+metadata (fcmae.checkpoints.segmenter_meta) travel in `record` into its hyper_parameters, from
+which fcmae.checkpoints.read_segmenter rebuilds it.
 """
 import lightning as L
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from fcmae.finetune import layer_decay
-from fcmae.finetune.module import start_next_epoch
-from fcmae.module import PretrainModule
-from fcmae.optim import StepSchedule, no_weight_decay, param_groups
-from fcmae.segment.data import IGNORE
-from fcmae.segment.inference import SCALE, TTA_RATIOS, infer
+from fcmae.data.modules import start_next_epoch
+from fcmae.encoders import layer_decay
+from fcmae.optim import StepSchedule, StopUnlessFinite, no_weight_decay, param_groups
+from fcmae.segmenter import SCALE, TTA_RATIOS, infer
+from fcmae.labelmaps import IGNORE
 from fcmae.segment.metrics import confusion_metric, scores
 
 
-class SegmentModule(StepSchedule, L.LightningModule):
+class SegmentModule(StepSchedule, StopUnlessFinite, L.LightningModule):
     def __init__(self, model, lr=1e-4, weight_decay=0.05, betas=(0.9, 0.999), layer_decay=0.9,
                  layer_decay_type="single", iterations=160_000, warmup_iterations=1500, power=1.0, min_lr=0.0,
                  aux_weight=0.4, window=None, tta=False, **record):
         """`model`: an UperNetSegmenter, already holding its pre-trained encoder. `iterations`,
         `warmup_iterations`: the schedule's length and warmup in optimizer steps. `record`: kept
-        in the checkpoint's hyper_parameters: the segmenter's metadata (fcmae.segment.export.
+        in the checkpoint's hyper_parameters: the segmenter's metadata (fcmae.checkpoints.
         segmenter_meta), the run's configuration. Validation runs each image at the metadata's
         `scale` (long, short; default SCALE), whole or in sliding `window` = (crop, stride), and
         with `tta` at TTA_RATIOS of it, flipped too."""
@@ -37,8 +36,6 @@ class SegmentModule(StepSchedule, L.LightningModule):
         self.criterion = nn.CrossEntropyLoss(ignore_index=IGNORE)
         self.confusion = confusion_metric(model.num_classes)
         self.last_scores = None  # the latest validation's `scores`, per class too
-
-    stop_unless_finite = PretrainModule.stop_unless_finite  # one rule for every training command
 
     def training_step(self, batch, batch_idx):
         images, masks = batch.image, batch.mask  # (N, C, S, S), (N, S, S); batch.skipped: SkippedFiles

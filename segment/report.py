@@ -1,90 +1,24 @@
-"""Segmentation results you can look at: label maps in one palette (a palette PNG, an overlay on
-the image), predictions.png (image | truth | prediction for a fixed spread of val images, with a
-legend of class names), the per-class IoU / accuracy table, and curves.png (fine-tuning's plot
-with segmentation's panels). Every file is written atomically (fcmae.files)."""
-import colorsys
-import io
-
+"""Segmentation results you can look at: predictions.png (image | truth | prediction for a fixed
+spread of val images, in one palette, with a legend of class names: fcmae.labelmaps), the
+per-class IoU / accuracy table, and curves.png (fcmae.figures.plot_curves with segmentation's
+panels, by step). Every file is written atomically (fcmae.files)."""
 import numpy as np
 import torch
-from PIL import Image
 
-from fcmae.files import save_figure, write_atomic
-from fcmae.finetune.report import _figure, plot_curves
-from fcmae.segment.data import IGNORE
+from fcmae.figures import plot_curves, pyplot
+from fcmae.files import save_figure
+from fcmae.labelmaps import IGNORE, IGNORE_COLOUR, colorize, displayable
 
-IGNORE_COLOUR = (0, 0, 0)
 # curves.png of a segmentation run: metrics.jsonl rows by optimizer step
 SEGMENTATION_PANELS = [("loss", [("train_loss", "train")]),
                        ("val (%)", [("mIoU", "mIoU"), ("mAcc", "mean accuracy"), ("aAcc", "pixel accuracy")]),
                        ("lr", [("lr", "head lr")])]
 
 
-def default_palette(num_classes):
-    """num_classes distinct colours [[r, g, b], ...]: hues a golden-ratio turn apart, alternating
-    saturation and brightness, so neighbouring labels differ."""
-    return [[round(255 * c) for c in colorsys.hsv_to_rgb((0.61803 * i) % 1, 0.9 - 0.35 * (i % 2),
-                                                        0.95 - 0.3 * (i // 2 % 2))] for i in range(num_classes)]
-
-
-def colorize(labels, palette):
-    """labels (H, W) -> uint8 (H, W, 3) in `palette`, IGNORE (and labels without a colour) black."""
-    table = np.zeros((256, 3), np.uint8)
-    table[:len(palette)] = np.asarray(palette, np.uint8).reshape(-1, 3)
-    table[IGNORE] = IGNORE_COLOUR
-    return table[np.asarray(labels, np.int64).clip(0, 255)]
-
-
-def label_image(labels, palette):
-    """labels (H, W) -> a palette ("P") PIL image: pixel values are the labels, shown in `palette`."""
-    img = Image.fromarray(np.asarray(labels, np.uint8), mode="P")
-    colours = np.zeros((256, 3), np.uint8)
-    colours[:len(palette)] = np.asarray(palette, np.uint8).reshape(-1, 3)
-    colours[IGNORE] = IGNORE_COLOUR
-    img.putpalette(colours.flatten().tolist())
-    return img
-
-
-def displayable(image):
-    """An image (C, H, W) as read (uint8, or a float array) -> uint8 (H, W, 3): RGB as is, one
-    channel as gray, other arrays their first three channels (or first one), each stretched to
-    its own min-max."""
-    x = torch.as_tensor(image)
-    if x.dtype != torch.uint8:
-        x = x[:3] if x.shape[0] >= 3 else x[:1]
-        low, high = x.amin(dim=(1, 2), keepdim=True), x.amax(dim=(1, 2), keepdim=True)
-        x = ((x - low) / (high - low).clamp(min=1e-12) * 255).round().to(torch.uint8)
-    if x.shape[0] != 3:
-        x = x[:1].expand(3, -1, -1)
-    return x.permute(1, 2, 0).numpy()
-
-
-def overlay(image, labels, palette, alpha=0.5):
-    """The image with its label map blended in (`alpha` of the colour; IGNORE shows the image), RGB PIL image."""
-    rgb = displayable(image).astype(np.float32)
-    colours = colorize(labels, palette).astype(np.float32)
-    shown = (np.asarray(labels) != IGNORE)[..., None]
-    blended = np.where(shown, (1 - alpha) * rgb + alpha * colours, rgb)
-    return Image.fromarray(blended.round().astype(np.uint8))
-
-
-def class_fractions(labels, num_classes):
-    """(K,) float64: the share of the image's pixels given each class."""
-    counts = torch.bincount(torch.as_tensor(labels).flatten().long().clamp(max=IGNORE), minlength=IGNORE + 1)
-    return counts[:num_classes].double() / max(1, torch.as_tensor(labels).numel())
-
-
-def save_image(img, path):
-    """A PIL image as a PNG at `path`, atomically; returns the path."""
-    buf = io.BytesIO()
-    img.save(buf, format="PNG")
-    return write_atomic(path, buf.getvalue())
-
-
 def plot_predictions(samples, classes, palette, path, title=None):
     """predictions.png: one row per (image (C, H, W) as read, truth (H, W), prediction (H, W)):
     image | truth | prediction in `palette`, and a legend naming the classes shown."""
-    plt = _figure()
+    plt = pyplot()
     from matplotlib.patches import Patch
     fig, axes = plt.subplots(len(samples), 3, figsize=(10.5, 3.4 * len(samples)), squeeze=False)
     shown = set()

@@ -5,7 +5,7 @@ rescale to `scale` x a ratio drawn from `ratio_range`, keeping the aspect ratio;
 `crop_size` in which one class covers at most `cat_max_ratio` of the labelled pixels (up to 10
 tries); a horizontal flip; for RGB images the photometric distortion; normalization; padding to
 `crop_size` (image 0, mask IGNORE). Evaluation (`EvalTransform`) only normalizes: the image keeps
-its size, and inference (inference.py) rescales it to the evaluation scale and the logits back.
+its size, and inference (fcmae.segmenter.infer) rescales it to the evaluation scale and the logits back.
 
 Images are uint8 (normalized with fcmae.data.transforms' STATS) or float arrays (used as stored, no
 photometric distortion). Random draws come from torch's global generator, which the loader seeds
@@ -19,15 +19,8 @@ from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as F
 
 from fcmae.data.transforms import ToFloat
-from fcmae.segment.data import IGNORE
-
-
-def rescale_size(height, width, scale):
-    """(h, w) of an image rescaled to fit `scale` = (long, short) keeping its aspect ratio: the
-    largest size whose long side is at most `long` and short side at most `short` (mmcv's rule)."""
-    long, short = max(scale), min(scale)
-    factor = min(long / max(height, width), short / min(height, width))
-    return int(height * factor + 0.5), int(width * factor + 0.5)
+from fcmae.labelmaps import IGNORE
+from fcmae.segmenter import rescale_size
 
 
 def uniform(low, high):

@@ -4,13 +4,12 @@ Any `Weights` that fcmae.checkpoints.read_weights reads (an fcmae encoder or cla
 pre-training or fine-tuning last.ckpt, a segmentation export, the release's checkpoints, timm's
 layout) carries a dense public-layout encoder (`Weights.encoder`: downsample_layers.*, stages.*);
 it goes into `UperNetSegmenter.encoder` only if it fits tensor for tensor, by the rule fine-tuning
-refuses misfits with (`fcmae.finetune.weights.misfit`). A classifier's final norm and head are
+refuses misfits with (`fcmae.checkpoints.misfit`). A classifier's final norm and head are
 left out: the segmenter has neither.
 """
 import json
 
-from fcmae.checkpoints import KINDS, size_name
-from fcmae.finetune.weights import misfit
+from fcmae.checkpoints import KINDS, misfit, size_name
 
 
 def load_encoder(segmenter, weights):

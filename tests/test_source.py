@@ -5,7 +5,7 @@ import ast
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-LIBRARY = ("fcmae", "encoders", "decoders", "finetune")  # what we install (a new task package: add it)
+LIBRARY = ("fcmae", "encoders", "decoders", "finetune", "segment")  # what we install (a new task package: add it)
 EVERYTHING = (*LIBRARY, "benchmarks", "tests")
 MAX_LINES = 80
 # The names of a run directory's files and folders (fcmae/rundir.py's docstring lists them).

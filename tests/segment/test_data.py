@@ -10,7 +10,8 @@ from PIL import Image
 
 from fcmae.data.reading import BadFile, BadFileWarning
 from fcmae.errors import UserError
-from fcmae.segment.data import (IGNORE, MissingMasks, SegmentationSet, count_classes, find_layout, list_pairs,
+from fcmae.labelmaps import IGNORE
+from fcmae.segment.data import (MissingMasks, SegmentationSet, count_classes, find_layout, list_pairs,
                                 read_classes, read_mask, spread, val_split)
 
 

@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from fcmae.segment.data import IGNORE
+from fcmae.labelmaps import IGNORE
 from fcmae.segment.metrics import confusion_metric, scores
 
 

@@ -7,14 +7,14 @@ import torch
 import torch.nn.functional as F
 from helpers import TINY, plain_segmentation_loop, segmentation_images
 
+from fcmae.checkpoints import segmenter_meta
 from fcmae.data.transforms import normalization
+from fcmae.decoders.upernet import UperNetSegmenter
+from fcmae.encoders import layer_decay
 from fcmae.errors import NonFiniteLoss
-from fcmae.finetune import layer_decay
-from fcmae.segment.data import IGNORE, SegmentData, SegmentationSet, find_layout, list_pairs, read_classes
-from fcmae.segment.export import segmenter_meta
-from fcmae.segment.model import UperNetSegmenter
+from fcmae.labelmaps import IGNORE, default_palette
+from fcmae.segment.data import SegmentData, SegmentationSet, find_layout, list_pairs, read_classes
 from fcmae.segment.module import SegmentModule
-from fcmae.segment.report import default_palette
 from fcmae.segment.transforms import EvalTransform, TrainTransform
 
 SMALL = {"depths": [1, 1, 2, 1], "dims": [16, 32, 64, 128]}

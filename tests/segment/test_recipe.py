@@ -9,7 +9,9 @@ import pytest
 import yaml
 
 from fcmae.encoders import SIZES
-from fcmae.segment import inference, model, module, transforms
+from fcmae import segmenter
+from fcmae.decoders import upernet
+from fcmae.segment import module, transforms
 
 ROOT = Path(__file__).resolve().parents[2]
 SHARED = {"input_size": 512, "scale": [2048, 512], "ratio_range": [0.5, 2.0], "cat_max_ratio": 0.75,
@@ -42,9 +44,9 @@ def test_library_defaults_are_the_recipes():
         {k: SHARED[k] for k in ("lr", "weight_decay", "layer_decay", "iterations", "warmup_iterations", "power",
                                 "min_lr", "aux_weight")}
     assert defaults["betas"] == tuple(SHARED["betas"])
-    assert (model.CHANNELS, model.AUX_CHANNELS) == (SHARED["channels"], SHARED["aux_channels"])
-    assert list(inference.SCALE) == SHARED["scale"] and list(inference.WINDOW) == SHARED["eval_window"]
-    assert list(inference.TTA_RATIOS) == SHARED["tta_ratios"]
+    assert (upernet.CHANNELS, upernet.AUX_CHANNELS) == (SHARED["channels"], SHARED["aux_channels"])
+    assert list(segmenter.SCALE) == SHARED["scale"] and list(segmenter.WINDOW) == SHARED["eval_window"]
+    assert list(segmenter.TTA_RATIOS) == SHARED["tta_ratios"]
     t = transforms.TrainTransform()
     assert (t.crop_size, list(t.scale), list(t.ratio_range), t.cat_max_ratio) == \
         (SHARED["input_size"], SHARED["scale"], SHARED["ratio_range"], SHARED["cat_max_ratio"])

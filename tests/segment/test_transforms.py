@@ -7,8 +7,9 @@ from PIL import Image
 
 from fcmae.data.transforms import normalization
 from fcmae.data.views import seeded
-from fcmae.segment.data import IGNORE
-from fcmae.segment.transforms import EvalTransform, TrainTransform, crop_box, photometric_distortion, rescale_size
+from fcmae.labelmaps import IGNORE
+from fcmae.segment.transforms import EvalTransform, TrainTransform, crop_box, photometric_distortion
+from fcmae.segmenter import rescale_size
 
 
 def test_rescale_keeps_the_ratio_within_long_and_short_sides():

@@ -9,11 +9,10 @@ from helpers import TINY, randomize_
 from safetensors.torch import save_file
 
 from fcmae import FCMAE
-from fcmae.checkpoints import export_weights, read_weights, save_weights
+from fcmae.checkpoints import export_weights, read_weights, save_weights, segmenter_meta, write_segmenter
 from fcmae.encoders import ConvNeXtV2
 from fcmae.encoders.convert import fcmae_to_release
-from fcmae.segment.export import segmenter_meta, write_segmenter
-from fcmae.segment.model import UperNetSegmenter
+from fcmae.decoders.upernet import UperNetSegmenter
 from fcmae.segment.weights import load_encoder
 
 
@@ -74,7 +73,7 @@ def write_kind(kind, tmp_path, pretrained, classifier):
     if kind == "segmentation export":
         source = randomize_(segmenter(), seed=3)
         path = tmp_path / "segmenter.safetensors"
-        write_segmenter(path, source, segmenter_meta(source, list("abcd"), [[0, 0, 0]] * 4, 64, (256, 64), None))
+        write_segmenter(path, source.state_dict(), segmenter_meta(source, list("abcd"), [[0, 0, 0]] * 4, 64, (256, 64), None))
         return path, {k[len("encoder."):]: v for k, v in source.state_dict().items() if k.startswith("encoder.")}
     raise AssertionError(kind)
 

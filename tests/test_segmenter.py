@@ -1,23 +1,112 @@
-"""The segmentation export (one weights writer, metadata) and fcmae.Segmenter: label maps at each
-input's own size from paths, PIL images, arrays and tensors; overlays, palette PNGs, fractions."""
+"""fcmae/segmenter.py and the segmentation files of fcmae.checkpoints: inference at an image's own
+size (whole image padded to the encoder's stride, sliding windows on mmsegmentation's grid,
+multi-scale + flip averaging probabilities); the segmentation export (one weights writer,
+metadata); fcmae.Segmenter: label maps at each input's own size from paths, PIL images, arrays and
+tensors; overlays, palette PNGs, fractions."""
 import json
 
 import numpy as np
 import pytest
 import torch
+import torch.nn as nn
+import torch.nn.functional as F
 from helpers import TINY, randomize_
 from PIL import Image
 from safetensors import safe_open
 
 from fcmae import Segmenter
-from fcmae.checkpoints import read_weights
+from fcmae.checkpoints import read_segmenter, read_weights, segmenter_meta, write_segmenter
 from fcmae.data.transforms import normalization
-from fcmae.segment.export import build_segmenter, read_segmenter, segmenter_meta, write_segmenter
-from fcmae.segment.inference import infer
-from fcmae.segment.model import UperNetSegmenter
-from fcmae.segment.report import default_palette
+from fcmae.decoders.upernet import UperNetSegmenter
+from fcmae.labelmaps import default_palette
+from fcmae.segmenter import TTA_RATIOS, build_segmenter, infer, slide, whole
 
 CLASSES = ["background", "disc", "square"]
+
+
+# ----------------------------------------------------------------------------- inference
+
+class Pointwise(nn.Module):
+    """A 1x1 conv as a 'segmenter': each pixel's logits depend on that pixel only, so windows,
+    padding and flips change nothing. Records the input sizes it is given."""
+
+    def __init__(self, in_chans=3, num_classes=4):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv, self.num_classes, self.sizes = nn.Conv2d(in_chans, num_classes, 1), num_classes, []
+
+    def forward(self, x):
+        self.sizes.append(tuple(x.shape[-2:]))
+        return self.conv(x)
+
+
+def test_whole_pads_to_multiples_of_32_and_crops_back():
+    model = Pointwise()
+    x = torch.randn(1, 3, 50, 70)
+    out = whole(model, x)
+    assert model.sizes == [(64, 96)] and out.shape == (1, 4, 50, 70)
+    torch.testing.assert_close(out, model.conv(x))
+
+
+def test_sliding_windows_cover_the_image_on_mmsegmentations_grid():
+    model = Pointwise()
+    x = torch.randn(1, 3, 100, 200)
+    out = slide(model, x, crop=64, stride=43)
+    rows, cols = (100 - 64 + 42) // 43 + 1, (200 - 64 + 42) // 43 + 1  # 2 and 5 windows
+    assert len(model.sizes) == rows * cols and set(model.sizes) == {(64, 64)}
+    torch.testing.assert_close(out, model.conv(x), atol=1e-6, rtol=1e-5)  # overlaps averaged: the same values
+    model.sizes = []
+    small = slide(model, torch.randn(1, 3, 40, 50), crop=64, stride=43)  # smaller than one window
+    assert model.sizes == [(64, 64)] and small.shape == (1, 4, 40, 50)
+
+
+def test_a_real_segmenter_whole_equals_its_forward_when_no_padding_is_needed():
+    model = UperNetSegmenter(TINY, 3, channels=16, aux_channels=8).eval()
+    x = torch.randn(1, 3, 64, 96)
+    with torch.no_grad():
+        torch.testing.assert_close(whole(model, x), model(x), rtol=0, atol=0)
+        probs = infer(model, x, scale=(96, 64))  # already at the scale: no resize
+        torch.testing.assert_close(probs, model(x).softmax(1))
+        windows = infer(model, x, scale=(96, 64), window=(64, 32))
+        assert windows.shape == (1, 3, 64, 96) and torch.allclose(windows.sum(1), torch.ones(1, 64, 96))
+
+
+def test_probabilities_come_back_at_the_image_size_after_rescaling():
+    model = Pointwise()
+    x = torch.randn(1, 3, 30, 45)
+    probs = infer(model, x, scale=(256, 64))  # short side 30 -> 64
+    assert model.sizes == [(64, 96)] and probs.shape == (1, 4, 30, 45)
+    assert torch.allclose(probs.sum(1), torch.ones(1, 30, 45))
+    assert infer(model, x, size=(60, 90), scale=(256, 64)).shape == (1, 4, 60, 90)  # the label's size
+
+
+def test_multi_scale_and_flip_average_every_pass():
+    model = Pointwise()
+    x = torch.randn(1, 3, 64, 64)
+    ratios = (0.5, 1.0, 1.5)
+    probs = infer(model, x, scale=(256, 64), ratios=ratios, flip=True)
+    assert sorted(model.sizes) == sorted([(32, 32)] * 2 + [(64, 64)] * 2 + [(96, 96)] * 2)
+    expected = sum(F.interpolate(model.conv(F.interpolate(x, size=(s, s), mode="bilinear", align_corners=False)
+                                            if s != 64 else x), size=(64, 64), mode="bilinear",
+                                 align_corners=False).softmax(1) for s in (32, 64, 96)) / 3
+    torch.testing.assert_close(probs, expected, atol=1e-6, rtol=1e-5)  # a pointwise model is flip-equivariant
+
+
+def test_flip_is_undone_before_averaging():
+    class LeftBiased(Pointwise):
+        def forward(self, x):  # favours class 0 on the left half of whatever it sees
+            logits = torch.zeros(x.shape[0], 2, *x.shape[-2:])
+            logits[:, 0, :, : x.shape[-1] // 2] = 5.0
+            return logits
+    model = LeftBiased(num_classes=2)
+    model.num_classes = 2
+    probs = infer(model, torch.zeros(1, 3, 32, 64), scale=(64, 32), flip=True)
+    # the mirrored pass favours the right half; undone and averaged: both halves alike
+    torch.testing.assert_close(probs[0, 0, :, :32], probs[0, 0, :, 32:].flip(-1))
+    assert probs[0, 0, 0, 0] == pytest.approx((torch.tensor([5.0, 0.0]).softmax(0)[0] + 0.5) / 2)
+
+
+# ----------------------------------------------------------------------------- files and the API
 
 
 def trained_stand_in(in_chans=3):
@@ -35,7 +124,7 @@ def export(tmp_path, in_chans=3, suffix=".safetensors"):
     model = trained_stand_in(in_chans)
     norm = normalization(in_chans, in_chans != 3)
     meta = segmenter_meta(model, CLASSES, default_palette(3), 64, (256, 64), norm)
-    return write_segmenter(tmp_path / f"segmenter{suffix}", model, meta, steps=7, mIoU=12.5), model
+    return write_segmenter(tmp_path / f"segmenter{suffix}", model.state_dict(), meta, steps=7, mIoU=12.5), model
 
 
 @pytest.mark.parametrize("suffix", [".safetensors", ".pth"])
@@ -54,7 +143,7 @@ def test_the_export_round_trips_and_reads_as_an_encoder_anywhere(tmp_path, suffi
     with torch.no_grad():
         torch.testing.assert_close(rebuilt(x), model(x), rtol=0, atol=0)
     weights = read_weights(path)  # the encoder in the public dense layout: pre-trained weights for anything
-    assert weights.kind == "encoder" and weights.model == TINY and weights.num_classes == 0
+    assert weights.kind == "segmenter" and weights.segmentation and weights.model == TINY and weights.num_classes == 0
     if suffix == ".safetensors":
         with safe_open(path, "pt") as f:
             assert f.metadata()["layout"] == "convnextv2-dense" and json.loads(f.metadata()["classes"]) == CLASSES
@@ -67,10 +156,13 @@ def test_a_lightning_checkpoint_of_the_segmentation_module_reads_too(tmp_path):
     meta = segmenter_meta(model, CLASSES, default_palette(3), 64, (256, 64), normalization(3, False))
     module = SegmentModule(model, **meta)
     path = tmp_path / "last.ckpt"
-    torch.save({"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams), "global_step": 1}, path)
+    torch.save({"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams), "global_step": 1,
+                "loops": {}}, path)
     state, got = read_segmenter(path)
     assert got["classes"] == CLASSES and all(torch.equal(state[k], v) for k, v in model.state_dict().items())
-    encoder = read_weights(path)  # also usable as pre-trained weights (read as an encoder under model.encoder.*)
+    encoder = read_weights(path)  # also usable as pre-trained weights, named as what it is
+    assert encoder.kind == "segment-checkpoint" and encoder.segmentation
+    assert encoder.summary().startswith(f"{path}: fcmae segmentation checkpoint")
     assert set(encoder.state) == {k[len("encoder."):] for k in model.state_dict() if k.startswith("encoder.")}
 
 
@@ -117,11 +209,10 @@ def test_arrays_for_a_model_of_other_channel_counts(tmp_path):
     arr, photo = seg.predict([tmp_path / "a.npy", tmp_path / "photo.png"])
     expected = infer(seg.model, torch.from_numpy(array)[None], scale=(256, 64), window=(64, 48))[0].argmax(0)
     assert torch.equal(arr.labels.long(), expected)  # as stored: no normalization for an arrays model
-    assert "an image, but the classifier takes 5-channel .npy arrays" in photo.error
+    assert "an image, but the segmenter takes 5-channel .npy arrays" in photo.error
 
 
 def test_tta_runs_every_ratio_and_flip():
-    from fcmae.segment.inference import TTA_RATIOS
     model = trained_stand_in()
     meta = segmenter_meta(model, CLASSES, default_palette(3), 32, (64, 32), None)
     x = torch.rand(3, 32, 32)

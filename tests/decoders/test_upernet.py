@@ -6,7 +6,7 @@ from helpers import TINY, randomize_
 from segmentation_models_pytorch.decoders.upernet.decoder import UPerNetDecoder
 
 from fcmae.encoders import ConvNeXtV2
-from fcmae.segment.model import UperNetSegmenter
+from fcmae.decoders.upernet import UperNetSegmenter
 
 
 def small(num_classes=4, **kwargs):
