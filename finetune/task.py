@@ -35,23 +35,8 @@ from fcmae.finetune.weights import load_pretrained
 from fcmae.masking import check_input_size
 from fcmae.rundir import RunDir, append_metrics
 from fcmae.training import flags
-from fcmae.training.run import MIN_STEPS_PER_EPOCH, Task, base_plan, few_steps_warning, steps_per_epoch
+from fcmae.training.run import MIN_STEPS_PER_EPOCH, Task, base_plan, batch_plan, few_steps_warning, steps_per_epoch
 from fcmae.training.trainer import world_size
-
-
-def batch_plan(cfg, world=None):
-    """(accumulate, effective batch) on `world` processes (default: as the hardware flags give):
-    --accumulate wins; else it comes from --effective-batch."""
-    world = world or world_size(cfg)
-    per_step = cfg.batch_size * world
-    accumulate = cfg.accumulate
-    if accumulate is None:
-        target = cfg.effective_batch or per_step
-        if target % per_step:
-            raise UserError(f"--effective-batch {target} is not a multiple of --batch-size {cfg.batch_size} x "
-                            f"{world} device(s): change one, or pass --accumulate")
-        accumulate = max(1, target // per_step)
-    return accumulate, per_step * accumulate
 
 
 def default_output(cfg):

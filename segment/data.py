@@ -166,11 +166,13 @@ class SegmentationSet(Dataset):
         mask = read_mask(self.masks[index], self.reduce_zero_label)
         if tuple(mask.shape) != tuple(image.shape[-2:]):
             raise BadFile(f"{self.masks[index]} (mask of {mask.shape[1]}x{mask.shape[0]} pixels, but its image "
-                          f"{self.files.paths[index]} has {image.shape[-1]}x{image.shape[-2]})")
+                          f"{self.files.paths[index]} has {image.shape[-1]}x{image.shape[-2]}: save each mask at its "
+                          f"image's size)")
         known = mask[mask != IGNORE]
         if known.numel() and int(known.max()) >= self.num_classes:
             raise BadFile(f"{self.masks[index]} (label {int(known.max())}, but there are {self.num_classes} classes, "
-                          f"0 to {self.num_classes - 1}; {IGNORE} = ignore)")
+                          f"0 to {self.num_classes - 1}, and {IGNORE} = ignore: fix the mask, or name every class in "
+                          f"classes.txt)")
         return image, mask
 
     def read(self, index):

@@ -2,35 +2,81 @@
 `aux_weight` x that of the auxiliary head, layer-decayed AdamW, the poly schedule in optimizer
 steps, mIoU on validation). Lightning owns the loop, devices, precision, checkpoints and logging.
 
-`self.model` is the UperNetSegmenter, so a checkpoint holds it as `model.*`; the segmenter's
-metadata (fcmae.checkpoints.segmenter_meta) travel in `record` into its hyper_parameters, from
-which fcmae.checkpoints.read_segmenter rebuilds it.
+`self.model` is the UperNetSegmenter, so a checkpoint holds it as `model.*`; its hyper_parameters
+are SegmentSettings' fields, the segmenter's file metadata among them (task "segmentation",
+classes, palette, scale, ...: fcmae.checkpoints.segmenter_meta), from which
+fcmae.checkpoints.read_segmenter and fcmae.segmenter.build_segmenter rebuild it.
 """
+from dataclasses import asdict, dataclass, fields
+from typing import Optional, Union
+
 import lightning as L
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from fcmae.checkpoints import SEGMENTATION
 from fcmae.data.modules import start_next_epoch
 from fcmae.encoders import layer_decay
-from fcmae.optim import StepSchedule, StopUnlessFinite, no_weight_decay, param_groups
-from fcmae.segmenter import SCALE, TTA_RATIOS, infer
 from fcmae.labelmaps import IGNORE
+from fcmae.optim import StepSchedule, StopUnlessFinite, no_weight_decay, param_groups
 from fcmae.segment.metrics import confusion_metric, scores
+from fcmae.segmenter import SCALE, TTA_RATIOS, infer
+
+
+@dataclass(frozen=True)
+class SegmentSettings:
+    """What a SegmentModule trains and evaluates with, and the segmenter's file metadata (from
+    `task` on: fcmae.checkpoints.segmenter_meta) that `fcmae eval`, `predict` and the exports read
+    back. The fields are the module's keyword arguments and, flat, its checkpoints'
+    hyper_parameters. `iterations`, `warmup_iterations`: the schedule's length and warmup in
+    optimizer steps. Validation runs each image at `scale` (long, short), whole or in sliding
+    `window` = (crop, stride), and with `tta` at `tta_ratios` of it, mirrored too."""
+    lr: float = 1e-4
+    min_lr: float = 0.0
+    weight_decay: float = 0.05
+    betas: tuple = (0.9, 0.999)
+    layer_decay: float = 0.9
+    layer_decay_type: str = "single"
+    iterations: int = 160_000
+    warmup_iterations: int = 1500
+    power: float = 1.0
+    aux_weight: float = 0.4
+    window: Optional[tuple] = None
+    tta: bool = False
+    tta_ratios: tuple = TTA_RATIOS
+    task: str = SEGMENTATION
+    num_classes: Optional[int] = None
+    classes: Optional[list] = None
+    palette: Optional[list] = None
+    input_size: Optional[int] = None
+    scale: tuple = SCALE
+    normalization: Optional[dict] = None
+    reduce_zero_label: bool = False
+    head: Optional[dict] = None
+    arch: Union[str, dict, None] = None  # a size name or {"depths": [...], "dims": [...]}
+    in_chans: Optional[int] = None
+
+    @classmethod
+    def from_config(cls, resolved, meta):
+        """From a run's resolved configuration (keys named as the flags) and the segmenter's
+        metadata (segmenter_meta)."""
+        own = {f.name for f in fields(cls)}
+        values = {k: v for k, v in resolved.items() if k in own}
+        window = tuple(resolved["eval_window"]) if resolved["eval_mode"] == "slide" else None
+        return cls(**{**values, **meta, "betas": tuple(resolved["betas"]), "window": window,
+                      "tta_ratios": tuple(resolved["tta_ratios"]), "scale": tuple(meta["scale"]),
+                      "arch": resolved["model"]})
 
 
 class SegmentModule(StepSchedule, StopUnlessFinite, L.LightningModule):
-    def __init__(self, model, lr=1e-4, weight_decay=0.05, betas=(0.9, 0.999), layer_decay=0.9,
-                 layer_decay_type="single", iterations=160_000, warmup_iterations=1500, power=1.0, min_lr=0.0,
-                 aux_weight=0.4, window=None, tta=False, **record):
-        """`model`: an UperNetSegmenter, already holding its pre-trained encoder. `iterations`,
-        `warmup_iterations`: the schedule's length and warmup in optimizer steps. `record`: kept
-        in the checkpoint's hyper_parameters: the segmenter's metadata (fcmae.checkpoints.
-        segmenter_meta), the run's configuration. Validation runs each image at the metadata's
-        `scale` (long, short; default SCALE), whole or in sliding `window` = (crop, stride), and
-        with `tta` at TTA_RATIOS of it, flipped too."""
+    def __init__(self, model, *, config=None, **settings):
+        """`model`: an UperNetSegmenter, already holding its pre-trained encoder. `settings`:
+        SegmentSettings' fields by keyword (a checkpoint's hyper_parameters are these and
+        `config`, the run's resolved configuration, kept for the record)."""
         super().__init__()
-        self.save_hyperparameters(ignore=["model"])
+        s = SegmentSettings(**settings)
+        self.save_hyperparameters({**asdict(s), "config": config})
         self.model = model
         self.no_weight_decay = no_weight_decay(model)  # before a sharding strategy flattens the parameters
         self.criterion = nn.CrossEntropyLoss(ignore_index=IGNORE)
@@ -57,9 +103,9 @@ class SegmentModule(StepSchedule, StopUnlessFinite, L.LightningModule):
     def validation_step(self, batch, batch_idx):
         image, mask = batch.image, batch.mask  # (1, C, H, W), (1, H, W): the image's own size
         hp = self.hparams
-        ratios, flip = (TTA_RATIOS, True) if hp.tta else ((1.0,), False)
-        scale = tuple(hp.get("scale") or SCALE)
-        probs = infer(self.model, image, scale=scale, ratios=ratios, flip=flip, window=hp.window)  # (1, K, H, W)
+        ratios, flip = (tuple(hp.tta_ratios), True) if hp.tta else ((1.0,), False)
+        window = tuple(hp.window) if hp.window else None
+        probs = infer(self.model, image, scale=tuple(hp.scale), ratios=ratios, flip=flip, window=window)  # (1, K, H, W)
         self.confusion.update(probs.argmax(1), mask)
 
     def on_validation_epoch_end(self):
@@ -67,8 +113,15 @@ class SegmentModule(StepSchedule, StopUnlessFinite, L.LightningModule):
         self.confusion.reset()
         if self.trainer.sanity_checking:
             return
-        self.log("val/mIoU", self.last_scores["mIoU"], prog_bar=True, sync_dist=True)  # equal on every rank
-        self.log_dict({"val/mAcc": self.last_scores["mAcc"], "val/aAcc": self.last_scores["aAcc"]}, sync_dist=True)
+        s = self.last_scores
+        # equal on every rank already (the matrix is summed): sync_dist only keeps Lightning's bookkeeping even
+        self.log("val/mIoU", s["mIoU"], prog_bar=True, sync_dist=True)
+        self.log_dict({"val/mAcc": s["mAcc"], "val/aAcc": s["aAcc"]}, sync_dist=True)
+        names = self.hparams.classes or [str(c) for c in range(len(s["IoU"]))]
+        per_class = {f"val/{kind}/{name}": float(v) for kind in ("IoU", "Acc") for name, v in zip(names, s[kind])
+                     if v == v}  # NaN: a class absent from truth and prediction has none
+        if per_class:
+            self.log_dict(per_class, sync_dist=True)
 
     def on_load_checkpoint(self, checkpoint):
         super().on_load_checkpoint(checkpoint)

@@ -44,14 +44,16 @@ def plot_predictions(samples, classes, palette, path, title=None):
 
 
 def per_class_table(result, classes):
-    """`scores` (fcmae.segment.metrics) as text: IoU and accuracy per class ("-" for a class
-    absent from truth and prediction), then mIoU, mean accuracy and pixel accuracy."""
+    """`scores` (fcmae.segment.metrics; per-class values as tensors or lists) as text: IoU and
+    accuracy per class ("-" for a class absent from truth and prediction), then mIoU, mean
+    accuracy and pixel accuracy."""
     width = max(8, *(len(c) for c in classes))
 
     def cell(v):
         return f"{v:6.2f}" if v == v else "     -"  # NaN: no pixels of the class
     lines = [f"{'class':<{width}}     IoU     acc"]
-    for name, iou, acc in zip(classes, result["IoU"].tolist(), result["Acc"].tolist()):
+    ious, accs = (torch.as_tensor(result[k]).tolist() for k in ("IoU", "Acc"))
+    for name, iou, acc in zip(classes, ious, accs):
         lines.append(f"{name:<{width}}  {cell(iou)}  {cell(acc)}")
     lines.append(f"mIoU {result['mIoU']:.2f}, mean accuracy {result['mAcc']:.2f}, pixel accuracy {result['aAcc']:.2f} "
                  f"(classes absent from truth and prediction left out of the means)")

@@ -1,4 +1,5 @@
 """Small shared test helpers (imported by test modules; tests/ is on sys.path under pytest)."""
+import colorsys
 import json
 import math
 import os
@@ -86,10 +87,11 @@ def draw_shape(draws, kind, box, fills):
 
 
 def segmentation_images(root, layout="generic", train=8, val=4, size=64, classes=4, seed=0, mask_mode="L",
-                        arrays=False, names=True):
+                        arrays=False, names=True, colours="fixed"):
     """A tiny segmentation set: on a noisy gray background (label 0), one to three shapes of
-    labels 1..classes-1 (label c: shape (c - 1) % 3, colour SHAPE_COLOURS[c - 1]) at random
-    places and sizes; the masks hold the labels. layout "generic": root/{train,val}/{images,masks}
+    labels 1..classes-1 (label c: shape (c - 1) % 3, colour SHAPE_COLOURS[c - 1], or with
+    `colours` "random" a saturated colour of random hue per shape, so that the shape alone tells
+    the class) at random places and sizes; the masks hold the labels. layout "generic": root/{train,val}/{images,masks}
     (.png images); "ade20k": root/images/{training,validation}/*.jpg and
     root/annotations/{training,validation}/*.png with labels stored + 1 and a border of 0
     ("other"), as ADE20K stores them (reduce_zero_label gives the labels back). `mask_mode`: "L",
@@ -114,8 +116,10 @@ def segmentation_images(root, layout="generic", train=8, val=4, size=64, classes
                 label = int(rng.integers(1, classes))
                 r = int(rng.integers(size // 8, size // 4))
                 x, y = (int(v) for v in rng.integers(r, size - r, 2))
+                colour = SHAPE_COLOURS[(label - 1) % len(SHAPE_COLOURS)] if colours == "fixed" else \
+                    tuple(round(255 * v) for v in colorsys.hsv_to_rgb(*rng.uniform((0, 0.6, 0.7), (1, 1, 1))))
                 draw_shape([ImageDraw.Draw(img), ImageDraw.Draw(mask)], (label - 1) % 3, [x - r, y - r, x + r, y + r],
-                           [SHAPE_COLOURS[(label - 1) % len(SHAPE_COLOURS)], label])
+                           [colour, label])
             labels = np.asarray(mask).astype(np.int64)
             if layout == "ade20k":
                 labels = labels + 1
@@ -140,13 +144,14 @@ def segmentation_images(root, layout="generic", train=8, val=4, size=64, classes
 
 
 def plain_segmentation_loop(root, steps, batch_size=8, lr=1e-3, warmup=None, channels=64,
-                            encoder="tu-convnextv2_atto", seed=0):
+                            encoder="tu-convnextv2_atto", seed=0, **encoder_kwargs):
     """The reference for learnability: segmentation_models_pytorch's UPerNet (on timm's ConvNeXt V2
-    through smp's timm-universal encoder) in a plain PyTorch loop on a `segmentation_images`
-    set (generic layout, 3-channel images, masks 0..K-1): whole images normalized with ImageNet's
-    statistics, random horizontal flips, cross entropy, AdamW with a linear warmup then a linear
-    decay, `steps` optimizer steps. Returns the val mIoU in percent, from a confusion matrix
-    counted here (classes absent from truth and prediction left out), independent of fcmae."""
+    through smp's timm-universal encoder; `encoder_kwargs` such as depths and dims go to timm) in
+    a plain PyTorch loop on a `segmentation_images` set (generic layout, 3-channel images, masks
+    0..K-1): whole images normalized with ImageNet's statistics, random horizontal flips, cross
+    entropy, AdamW with a linear warmup then a linear decay, `steps` optimizer steps. Returns the
+    val mIoU in percent, from a confusion matrix counted here (classes absent from truth and
+    prediction left out), independent of fcmae."""
     import numpy as np
     import segmentation_models_pytorch as smp
     from PIL import Image
@@ -161,7 +166,8 @@ def plain_segmentation_loop(root, steps, batch_size=8, lr=1e-3, warmup=None, cha
     (x, y), (vx, vy) = read("train"), read("val")
     k = int(max(y.max(), vy.max())) + 1
     torch.manual_seed(seed)
-    model = smp.UPerNet(encoder_name=encoder, encoder_weights=None, classes=k, decoder_channels=channels)
+    model = smp.UPerNet(encoder_name=encoder, encoder_weights=None, classes=k, decoder_channels=channels,
+                        **encoder_kwargs)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.05)
     warmup = steps // 10 if warmup is None else warmup
     schedule = torch.optim.lr_scheduler.LambdaLR(
@@ -279,3 +285,23 @@ def parse_pretrain(*args):
 def weights(module):
     """A detached copy of a module's state dict."""
     return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+# `fcmae segment` small enough for 2 shared CPU cores: the TINY size, a 16-wide UperNet, 64 px,
+# batches of 2 (each step well under a second with one thread). Flags only: the atto recipe first.
+SEGMENT_TINY = ["--model", json.dumps(TINY), "--input-size", "64", "--batch-size", "2", "--effective-batch", "2",
+                "--channels", "16", "--aux-channels", "8", "--workers", "0", "--accelerator", "cpu", "--devices", "1",
+                "--precision", "32", "--log-every", "1"]
+
+
+def segment_args(*args):
+    """The argv of `fcmae segment` with the atto recipe, SEGMENT_TINY and `args` (strings)."""
+    from fcmae.training.flags import recipe_path
+    return ["segment", "--config", recipe_path("segment", "atto"), *SEGMENT_TINY, *map(str, args)]
+
+
+def segment_small(*args):
+    """Like `fcmae segment --model atto ...` with SEGMENT_TINY, in this process: train()'s result
+    ({"history", "output", "segmenter", "best", "module"})."""
+    from fcmae.commands.segment import build_parser, train
+    return train(build_parser().parse_args(segment_args(*args)[1:]))

@@ -12,7 +12,8 @@ MAX_LINES = 80
 RUN_DIR_NAMES = {"last.ckpt", "best.ckpt", "metrics.jsonl", "config.yaml", "skipped_files.txt", "val_split.txt",
                  "encoder.safetensors", "classifier.safetensors", "classifier_ema.safetensors",
                  "classifier_best.safetensors", "confusion.png", "curves.png", "checkpoints", "tensorboard",
-                 "reconstructions"}
+                 "reconstructions", "segmenter.safetensors", "segmenter_best.safetensors", "predictions.png",
+                 "per_class.txt"}
 
 
 def sources(folders):

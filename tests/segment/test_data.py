@@ -105,8 +105,10 @@ def test_a_mask_of_another_size_or_a_label_beyond_the_classes_is_skipped_and_nam
     assert [s.skipped for s in items] == [0, 2, 1, 0]  # 1 -> 3 (2 skipped), 2 -> 3
     assert torch.equal(items[1].mask, items[3].mask)
     messages = [str(w.message) for w in caught if issubclass(w.category, BadFileWarning)]
-    assert any("train_001.png (mask of 32x64 pixels, but its image" in m and "has 64x64)" in m for m in messages)
-    assert any("train_002.png (label 7, but there are 4 classes, 0 to 3; 255 = ignore)" in m for m in messages)
+    assert any("train_001.png (mask of 32x64 pixels, but its image" in m and
+               "has 64x64: save each mask at its image's size)" in m for m in messages)
+    assert any("train_002.png (label 7, but there are 4 classes, 0 to 3, and 255 = ignore: fix the mask, or name "
+               "every class in classes.txt)" in m for m in messages)
     assert len(listed.read_text().splitlines()) == 2
     with pytest.raises(UserError, match=r"unreadable file \S+train_001\.png \(mask of 32x64"):
         dataset(root, num_classes=4, strict=True)[1]
