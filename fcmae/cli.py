@@ -11,6 +11,7 @@ from argparse import ArgumentError
 from jsonargparse import ArgumentParser
 
 from fcmae.errors import Stopped, UserError
+from fcmae.listflags import list_flags, list_words
 from fcmae.training.flags import with_recipe
 
 # One module each under fcmae/commands/, exposing build_parser() and run(cfg); only this file imports them.
@@ -61,10 +62,13 @@ def main(argv=None):
         parser = ArgumentParser(prog="fcmae", exit_on_error=False,
                                 description="FCMAE pre-training, fine-tuning and segmentation of ConvNeXt V2")
         subcommands = parser.add_subcommands(dest="command")
-        modules = {}
+        modules, parsers = {}, {}
         for name, (module_name, help_text) in COMMANDS.items():
             modules[name] = importlib.import_module(module_name)
-            subcommands.add_subcommand(name, modules[name].build_parser(), help=help_text)
+            parsers[name] = modules[name].build_parser()
+            subcommands.add_subcommand(name, parsers[name], help=help_text)
+        if argv and argv[0] in parsers:
+            argv = [argv[0]] + list_words(argv[1:], list_flags(parsers[argv[0]]))
         if argv and argv[0] in RECIPE_COMMANDS:
             argv = [argv[0]] + with_recipe(argv[0], argv[1:], modules[argv[0]].DEFAULT_MODEL)
         cfg = parser.parse_args(argv)

@@ -8,7 +8,8 @@ import torch
 from lightning.pytorch.strategies import FSDPStrategy
 
 from fcmae.model import FCMAE
-from fcmae.optim import StepSchedule, StopUnlessFinite, no_weight_decay, param_groups
+from fcmae.optim import StepSchedule, StopUnlessFinite, adamw, no_weight_decay, param_groups
+from fcmae.training.callbacks import writes_logs
 
 
 @dataclass(frozen=True)
@@ -54,9 +55,14 @@ class PretrainModule(StepSchedule, StopUnlessFinite, L.LightningModule):
     def training_step(self, batch, batch_idx):
         imgs, mask = batch.view, batch.mask  # (N, C, H, W), (N, H/32, W/32): fcmae.data.views.MaskedView
         loss, _, _ = self.model(imgs, mask)
-        self.stop_unless_finite(loss, "loss")
-        self.log("train/loss", loss, prog_bar=True)
-        self.log("train/lr", self.optimizers().param_groups[0]["lr"])
+        self.last_loss = loss.detach()  # read back only to name a non-finite step
+        if writes_logs(self.trainer):  # values reach the host only every --log-every steps
+            if self.trainer.precision == "16-mixed":
+                # fp16's loss scaler keeps non-finite updates off the weights (it skips them); a
+                # loss that stays non-finite stops the run here.
+                self.stop_unless_finite(loss, "loss", agreed=False)
+            self.log("train/loss", loss)
+            self.log("train/lr", self.optimizers().param_groups[0]["lr"])
         return loss
 
     def on_before_optimizer_step(self, optimizer):
@@ -66,15 +72,16 @@ class PretrainModule(StepSchedule, StopUnlessFinite, L.LightningModule):
         if isinstance(self.trainer.strategy, FSDPStrategy):  # each rank holds a shard of the gradients
             norm = self.trainer.strategy.reduce(norm.square(), reduce_op="sum").sqrt()
         if self.trainer.precision != "16-mixed":  # fp16's loss scaler expects inf gradients and skips the step
-            # A finite loss can still give inf/NaN gradients: stop before they reach the weights
-            # (and a checkpoint).
-            self.stop_unless_finite(norm, "gradient norm")
-        self.log("train/grad_norm", norm)
+            # The step's one finite check (a non-finite loss gives non-finite gradients): it stops
+            # the run before NaN/inf reach the weights (and a checkpoint).
+            self.stop_unless_finite(norm, "gradient norm", agreed=True)
+        if writes_logs(self.trainer):
+            self.log("train/grad_norm", norm)
 
     def make_optimizer(self):
         hp = self.hparams
-        return torch.optim.AdamW(param_groups(self.model, hp.weight_decay, self.no_weight_decay), lr=hp.lr,
-                                 betas=tuple(hp.betas))
+        return adamw(param_groups(self.model, hp.weight_decay, self.no_weight_decay), self.device, lr=hp.lr,
+                     betas=tuple(hp.betas))
 
     def configure_optimizers(self):
         optimizer = self.make_optimizer()

@@ -1,8 +1,9 @@
 """What every training command optimizes with: one rule for AdamW's parameter groups (weight decay,
-optional layer-wise lr scales) and the lr schedules per optimizer step, both linear warmups from 0:
-then a cosine to min_lr (pre-training, fine-tuning: timm's CosineLRScheduler) or a polynomial
-decay (segmentation: timm's PolyLRScheduler), with the LightningModule hooks that drive them,
-and the one rule for a non-finite loss (`StopUnlessFinite`)."""
+optional layer-wise lr scales), one AdamW implementation per device (`adamw`) and the lr schedules
+per optimizer step, both linear warmups from 0: then a cosine to min_lr (pre-training,
+fine-tuning: timm's CosineLRScheduler) or a polynomial decay (segmentation: timm's
+PolyLRScheduler), with the LightningModule hooks that drive them, and the one rule for a
+non-finite loss (`StopUnlessFinite`)."""
 import math
 
 import torch
@@ -38,6 +39,14 @@ def param_groups(model, weight_decay, skip=None, lr_scale=None):
         scale = lr_scale(name) if lr_scale is not None else 1.0
         groups.setdefault((scale, decay), {"params": [], "weight_decay": decay, "lr_scale": scale})["params"].append(p)
     return list(groups.values())
+
+
+def adamw(groups, device, **kwargs):
+    """torch's AdamW over `groups` of parameters on `device`: the fused implementation where torch
+    has one (CUDA, CPU: one kernel over all tensors of a group), else foreach. On CPU its step
+    takes a quarter of foreach's (docs/internals.md)."""
+    fused = torch.device(device).type in ("cuda", "cpu")
+    return torch.optim.AdamW(groups, fused=fused, foreach=None if fused else True, **kwargs)
 
 
 def schedule_steps(batches_per_epoch, accumulate, epochs, warmup_epochs):
@@ -109,12 +118,22 @@ class StepSchedule:
 
 class StopUnlessFinite:
     """LightningModule mixin: the one rule every training module stops by when its loss (or
-    gradient norm) is NaN/inf (needs `hparams.lr`, which the error suggests lowering)."""
+    gradient norm) is NaN/inf (needs `hparams.lr`, which the error suggests lowering, and
+    `last_loss`, the step's loss kept on the device, to name where it started)."""
 
-    def stop_unless_finite(self, value, what):
-        """Raise NonFiniteLoss if `value` is NaN/inf on any rank (all ranks agree, so none is left
-        waiting in a collective). It is raised before this step's optimizer update and before any
-        checkpoint of it, so the last checkpoint keeps the last good state."""
-        if not self.trainer.strategy.reduce_boolean_decision(bool(torch.isfinite(value).all()), all=True):
+    def stop_unless_finite(self, value, what, agreed):
+        """Raise NonFiniteLoss if `value` is NaN/inf on any rank, so that all ranks stop together
+        (none is left waiting in a collective). `agreed`: every rank holds the same value (the
+        gradient norm: DDP's gradients are all-reduced, FSDP's norm is), so the check needs no
+        collective; else the ranks agree through one. One device sync either way. It is raised
+        before this step's optimizer update and before any checkpoint of it, so the last
+        checkpoint keeps the last good state."""
+        finite = bool(torch.isfinite(value).all())
+        if not agreed:
+            finite = self.trainer.strategy.reduce_boolean_decision(finite, all=True)
+        if not finite:
+            last_loss = getattr(self, "last_loss", None)
+            if what == "gradient norm" and last_loss is not None and not torch.isfinite(last_loss):
+                what, value = "loss", last_loss  # where it started, on this rank
             # global_step counts finished optimizer steps
             raise NonFiniteLoss(what, value.item(), self.trainer.global_step + 1, self.hparams.lr)

@@ -1,5 +1,6 @@
-"""The one precision vocabulary: Lightning's names, what `auto` picks, and the autocast dtype of
-each (for loops outside a Trainer: kNN features, the benchmark)."""
+"""The one precision vocabulary: Lightning's names, what `auto` picks, the autocast dtype of each
+(for loops outside a Trainer: kNN features, the benchmark), and the float32 matrix-product
+precision every training run and the benchmark use."""
 import contextlib
 
 import torch
@@ -24,3 +25,9 @@ def autocast(device, precision):
     if dtype is None:
         return contextlib.nullcontext()
     return torch.autocast(torch.device(device).type, dtype=dtype)
+
+
+def use_tf32():
+    """float32 matrix products in TF32 on GPUs that have it (Ampere on; cuDNN's convolutions use it
+    by default): what every training run and `fcmae bench` compute with. No effect on CPUs."""
+    torch.set_float32_matmul_precision("high")

@@ -58,6 +58,7 @@ class RunDir:
     skipped_files = property(lambda self: self.root / SKIPPED_FILES)
     val_split = property(lambda self: self.root / VAL_SPLIT)
     reconstructions = property(lambda self: self.root / RECONSTRUCTIONS)
+    tensorboard = property(lambda self: self.root / TENSORBOARD)
     confusion = property(lambda self: self.root / CONFUSION)
     curves = property(lambda self: self.root / CURVES)
     predictions = property(lambda self: self.root / PREDICTIONS)
@@ -95,6 +96,23 @@ def append_metrics(path, step, epoch, metrics):
     """One row of metrics.jsonl: {"step", "epoch", **metrics}; earlier rows are never rewritten."""
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     append_line(path, json.dumps({"step": step, "epoch": epoch, **metrics}))
+
+
+def read_scalars(folder, tag=None):
+    """[(step, value)] of scalar `tag` in the TensorBoard event files of `folder` (a run's
+    tensorboard/), in step order; tag None: of every tag. A damaged file gives what it holds."""
+    from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+    found = {}
+    for events in sorted(Path(folder).glob("events.out.tfevents.*")):
+        try:
+            for event in EventFileLoader(str(events)).Load():
+                for value in event.summary.value:
+                    if tag is None or value.tag == tag:
+                        found[event.step, value.tag] = value.simple_value if value.HasField("simple_value") \
+                            else float(value.tensor.float_val[0]) if value.tensor.float_val else None
+        except Exception:  # noqa: BLE001 (a log cut short: what was read stands)
+            continue
+    return sorted((step, v) for (step, _), v in found.items() if v is not None)
 
 
 def read_metrics(path, x="epoch"):

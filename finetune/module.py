@@ -17,9 +17,10 @@ from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.optim import Lars
 from timm.utils import ModelEmaV3, accuracy
 
-from fcmae.encoders import layer_decay
 from fcmae.data.modules import start_next_epoch
-from fcmae.optim import StepSchedule, no_weight_decay, param_groups
+from fcmae.encoders import layer_decay
+from fcmae.optim import StepSchedule, adamw, no_weight_decay, param_groups
+from fcmae.training.callbacks import writes_logs
 
 
 @dataclass(frozen=True)
@@ -107,8 +108,9 @@ class FinetuneModule(StepSchedule, L.LightningModule):
         if self.mixup is not None:
             x, y = self.mixup(x, y)
         loss = self.criterion(self(x), y)
-        self.log("train/loss", loss, prog_bar=True)
-        self.log("lr", max(g["lr"] for g in self.optimizers().param_groups))  # the head's lr
+        if writes_logs(self.trainer):  # values reach the host only every --log-every steps
+            self.log("train/loss", loss)
+            self.log("lr", max(g["lr"] for g in self.optimizers().param_groups))  # the head's lr
         return loss
 
     def validation_step(self, batch, batch_idx):
@@ -145,7 +147,7 @@ class FinetuneModule(StepSchedule, L.LightningModule):
             groups = param_groups(self.model, hp.weight_decay, self.no_weight_decay,
                                   lr_scale=lambda name: layer_decay.lr_scale(name, depths, hp.layer_decay,
                                                                              hp.layer_decay_type))
-            optimizer = torch.optim.AdamW(groups, lr=hp.lr)
+            optimizer = adamw(groups, self.device, lr=hp.lr)
         # Per-step cosine after a linear warmup from 0, as the release's schedule; each group's
         # lr_scale (layer decay) multiplies it.
         return {"optimizer": optimizer, "lr_scheduler": self.lr_schedule(optimizer, hp.warmup_epochs, hp.min_lr)}

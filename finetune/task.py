@@ -21,7 +21,8 @@ from torch.utils.data import Subset
 
 from fcmae.checkpoints import classifier_state_dict, read_weights, save_weights
 from fcmae.data.filelist import default_cache
-from fcmae.data.labelled import check_classes, check_in_chans, held_out_split, image_folder, write_split
+from fcmae.data.labelled import (SplitSubset, check_classes, check_in_chans, held_out_split, image_folder,
+                                 left_out_note, write_split)
 from fcmae.data.modules import LabelledData, loader
 from fcmae.data.transforms import eval_transform, train_transform
 from fcmae.encoders import ConvNeXtV2
@@ -166,22 +167,25 @@ class EpochSummary(Callback):
     appended to the run's metrics.jsonl, which curves.png is drawn from."""
 
     def __init__(self, path):
-        self.path, self.history, self.losses = Path(path), [], []
+        self.path, self.history, self.loss_sum, self.batches = Path(path), [], 0, 0
 
     def on_train_epoch_start(self, trainer, module):
-        self.losses = []
+        self.loss_sum, self.batches = 0, 0
 
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
-        # Lightning hands back the loss divided by the accumulation it backpropagated.
-        self.losses.append(float(outputs["loss"]) * trainer.accumulate_grad_batches)
+        # Lightning hands back the loss divided by the accumulation it backpropagated. Summed on
+        # the device: read once per epoch, not once per step.
+        self.loss_sum = self.loss_sum + outputs["loss"].detach() * trainer.accumulate_grad_batches
+        self.batches += 1
 
     def on_train_epoch_end(self, trainer, module):  # after the epoch's validation
         m = {k: float(v) for k, v in trainer.callback_metrics.items()}
         row = {"epoch": trainer.current_epoch, "step": trainer.global_step,
-               "train_loss": sum(self.losses) / len(self.losses) if self.losses else None,
+               "train_loss": float(self.loss_sum) / self.batches if self.batches else None,
                "top1": m.get("val/top1"), "top5": m.get("val/top5"),
                "ema_top1": m.get("val_ema/top1"), "ema_top5": m.get("val_ema/top5"),
-               "val_loss": m.get("val/loss"), "ema_val_loss": m.get("val_ema/loss"), "lr": m.get("lr")}
+               "val_loss": m.get("val/loss"), "ema_val_loss": m.get("val_ema/loss"),
+               "lr": max(g["lr"] for g in trainer.optimizers[0].param_groups)}  # the head's, at the epoch's end
         self.history.append(row)
         if trainer.is_global_zero:
             if row["top1"] is None:
@@ -229,16 +233,20 @@ class BestCheckpoint(Callback):
 
 
 def datasets(cfg, output, world):
-    """(train set, val set or None, class names, a note or None): DIR/train and DIR/val, or without
-    val/ a held-out part of train/ (listed in OUTPUT/val_split.txt), or with --val-split 0 none."""
+    """(train set, val set or None, class names, notes): DIR/train and DIR/val, or without val/ a
+    held-out part of train/ (listed in OUTPUT/val_split.txt), or with --val-split 0 none. A
+    held-out set and the rest of train/ are `SplitSubset`s: an unreadable file's substitute
+    comes from its own part, so validation never sees a training image, nor training a
+    validation one."""
     r = recipe(cfg)
     train_tf = train_transform(cfg.input_size, cfg.in_chans, r["aa"], r["reprob"])
     eval_tf = eval_transform(cfg.input_size, cfg.in_chans, cfg.crop_pct)
     train_set = image_folder(cfg.data, "train", train_tf, cfg.in_chans, cfg.strict_data, cache=default_cache())
-    classes, note = train_set.classes, None
+    classes, notes = train_set.classes, [left_out_note(train_set)]
     if (Path(cfg.data) / "val").is_dir():
         val_set = image_folder(cfg.data, "val", eval_tf, cfg.in_chans, cfg.strict_data, cache=default_cache())
         check_classes(train_set, val_set)
+        notes.append(left_out_note(val_set))
     elif cfg.val_split > 0:
         split_file = RunDir(output).val_split
         if cfg.no_resume and not cfg.dry_run and rank_zero_only.rank == 0:
@@ -247,17 +255,17 @@ def datasets(cfg, output, world):
         kept, held = held_out_split(train_set, cfg.val_split, cfg.seed, split_file if reused else None)
         if not reused and not cfg.dry_run and rank_zero_only.rank == 0:
             write_split(split_file, train_set, held)
-        note = (f"no {cfg.data}/val: {'reusing the' if reused else 'holding out a stratified'} {len(held)} of "
-                f"{len(train_set)} train/ images for validation, listed in {split_file}")
+        notes.append(f"no {cfg.data}/val: {'reusing the' if reused else 'holding out a stratified'} {len(held)} of "
+                     f"{len(train_set)} train/ images for validation, listed in {split_file}")
         val_set = copy.copy(train_set)
         val_set.transform = eval_tf
-        train_set, val_set = Subset(train_set, kept), Subset(val_set, held)
+        train_set, val_set = SplitSubset(train_set, kept), SplitSubset(val_set, held)
     else:
         val_set = None
     if len(train_set) < cfg.batch_size * world:
         raise UserError(f"train/ has {len(train_set)} images, fewer than one batch of {cfg.batch_size} x {world} "
                         f"device(s): lower --batch-size")
-    return train_set, val_set, classes, note
+    return train_set, val_set, classes, [note for note in notes if note]
 
 
 def report(module, output, val_set, classes, cfg, best):
@@ -317,12 +325,12 @@ class FinetuneTask(Task):
 
     def data(self, output, world):
         cfg = self.cfg
-        self.train_set, self.val_set, self.classes, self.note = datasets(cfg, output, world)
+        self.train_set, self.val_set, self.classes, self.notes = datasets(cfg, output, world)
         return LabelledData(self.train_set, self.val_set, cfg.batch_size, cfg.workers, cfg.seed)
 
     def plan(self, world, data):
         resolved = resolve(self.cfg, self.recipe, len(self.train_set), world)
-        resolved["notes"] = ([self.note] if self.note else []) + resolved["notes"]
+        resolved["notes"] = self.notes + resolved["notes"]
         return resolved
 
     def callbacks(self, resolved, output):

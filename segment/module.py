@@ -19,9 +19,10 @@ from fcmae.checkpoints import SEGMENTATION
 from fcmae.data.modules import start_next_epoch
 from fcmae.encoders import layer_decay
 from fcmae.labelmaps import IGNORE
-from fcmae.optim import StepSchedule, StopUnlessFinite, no_weight_decay, param_groups
+from fcmae.optim import StepSchedule, StopUnlessFinite, adamw, no_weight_decay, param_groups
 from fcmae.segment.metrics import confusion_metric, scores
 from fcmae.segmenter import SCALE, TTA_RATIOS, infer
+from fcmae.training.callbacks import writes_logs
 
 
 @dataclass(frozen=True)
@@ -89,11 +90,24 @@ class SegmentModule(StepSchedule, StopUnlessFinite, L.LightningModule):
         main_loss = self.loss(logits, masks)
         aux_loss = self.loss(aux, masks)
         loss = main_loss + self.hparams.aux_weight * aux_loss
-        self.stop_unless_finite(loss, "loss")
-        self.log("train/loss", loss, prog_bar=True)
-        self.log_dict({"train/main_loss": main_loss, "train/aux_loss": aux_loss})
-        self.log("lr", max(g["lr"] for g in self.optimizers().param_groups))  # the head's lr
+        self.last_loss = loss.detach()  # read back only to name a non-finite step
+        if writes_logs(self.trainer):  # values reach the host only every --log-every steps
+            if self.trainer.precision == "16-mixed":
+                # fp16's loss scaler keeps non-finite updates off the weights (it skips them); a
+                # loss that stays non-finite stops the run here.
+                self.stop_unless_finite(loss, "loss", agreed=False)
+            self.log("train/loss", loss, prog_bar=True)
+            self.log_dict({"train/main_loss": main_loss, "train/aux_loss": aux_loss})
+            self.log("lr", max(g["lr"] for g in self.optimizers().param_groups))  # the head's lr
         return loss
+
+    def on_before_optimizer_step(self, optimizer):
+        if self.trainer.precision != "16-mixed":  # fp16's loss scaler expects inf gradients and skips the step
+            # The step's one finite check (a non-finite loss gives non-finite gradients; DDP's are
+            # all-reduced, so every rank agrees): it stops the run before NaN/inf reach the
+            # weights (and a checkpoint). Called after AMP unscaling.
+            norm = torch.nn.utils.get_total_norm([p.grad for p in self.parameters() if p.grad is not None])
+            self.stop_unless_finite(norm, "gradient norm", agreed=True)
 
     def loss(self, logits, masks):
         """Cross entropy of logits (N, K, h, w) resized (bilinear) to the labels (N, H, W); IGNORE not counted."""
@@ -137,6 +151,6 @@ class SegmentModule(StepSchedule, StopUnlessFinite, L.LightningModule):
                 return 1.0
             return layer_decay.lr_scale(name[len("encoder."):], depths, hp.layer_decay, hp.layer_decay_type)
         groups = param_groups(self.model, hp.weight_decay, self.no_weight_decay, lr_scale=lr_scale)
-        optimizer = torch.optim.AdamW(groups, lr=hp.lr, betas=tuple(hp.betas))
+        optimizer = adamw(groups, self.device, lr=hp.lr, betas=tuple(hp.betas))
         return {"optimizer": optimizer, "lr_scheduler": self.poly_lr_schedule(
             optimizer, hp.iterations, hp.warmup_iterations, hp.power, hp.min_lr)}

@@ -274,22 +274,25 @@ class EvalSummary(Callback):
     validation, mIoU, mAcc, aAcc, IoU/<class>, Acc/<class>, lr), which curves.png is drawn from."""
 
     def __init__(self, path, classes):
-        self.path, self.classes, self.history, self.losses = Path(path), list(classes), [], []
+        self.path, self.classes, self.history = Path(path), list(classes), []
+        self.loss_sum, self.batches = 0.0, 0
 
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
-        # Lightning hands back the loss divided by the accumulation it backpropagated.
-        self.losses.append(float(outputs["loss"]) * trainer.accumulate_grad_batches)
+        # Summed on the device, read back at the validation: no sync per batch. Lightning hands
+        # back the loss divided by the accumulation it backpropagated.
+        self.loss_sum = self.loss_sum + outputs["loss"].detach() * trainer.accumulate_grad_batches
+        self.batches += 1
 
     def on_validation_end(self, trainer, module):
         if trainer.sanity_checking or module.last_scores is None:
             return
         s = module.last_scores
         finite = lambda v: float(v) if v == v else None  # noqa: E731  (NaN: a class without pixels)
-        row = {"train_loss": sum(self.losses) / len(self.losses) if self.losses else None,
+        row = {"train_loss": float(self.loss_sum) / self.batches if self.batches else None,
                "mIoU": finite(s["mIoU"]), "mAcc": finite(s["mAcc"]), "aAcc": finite(s["aAcc"]),
                **{f"{kind}/{name}": finite(v) for kind in ("IoU", "Acc") for name, v in zip(self.classes, s[kind])},
                "lr": float(trainer.callback_metrics["lr"]) if "lr" in trainer.callback_metrics else None}
-        self.losses = []
+        self.loss_sum, self.batches = 0.0, 0
         self.history.append({"step": trainer.global_step, "epoch": trainer.current_epoch, **row})
         if trainer.is_global_zero:
             line = (f"step {trainer.global_step:,}: mIoU {s['mIoU']:.2f}, mean accuracy {s['mAcc']:.2f}, "

@@ -14,6 +14,18 @@ from PIL import Image, ImageDraw
 # A multi-block custom size that keeps tests fast.
 TINY = {"depths": [2, 2, 3, 2], "dims": [8, 16, 24, 32]}
 
+# The mixed-precision tolerances (tests/test_mixed_precision.py, scripts/gpu_check.py): (forward,
+# gradients), relative to the reference tensor's largest magnitude, per tensor. The unit
+# roundoff u is 2^-8 = 3.9e-3 for bf16 (8 significant bits) and 2^-11 = 4.9e-4 for fp16. Autocast
+# rounds the inputs and outputs of every convolution and linear layer, so the forward error is a
+# few u after the TINY encoder's 9 blocks (measured: up to 1.1u for bf16, 1.1u for fp16): allow 5u.
+# Parameter gradients pass through every block twice (forward and backward) and are sums over all
+# positions of terms of both signs, so their error relative to the sum is larger (measured: up to
+# 16u for bf16, the first LayerNorm's weight, 24u for fp16): allow 25u for bf16, 60u for fp16,
+# which is still far below what a wrong gradient (an O(1) error) gives.
+MIXED_PRECISION_TOLERANCES = {torch.bfloat16: (5 * 2 ** -8, 25 * 2 ** -8),
+                              torch.float16: (5 * 2 ** -11, 60 * 2 ** -11)}
+
 
 def randomize_(module, std=0.3, seed=0):
     """Give GRN gamma/beta and every bias non-zero values: at init they are zero, which would

@@ -8,17 +8,8 @@ import torch
 
 from fcmae.encoders import SparseConvNeXtV2
 from fcmae.masking import random_mask
-from helpers import TINY, minkowski, randomize_
+from helpers import MIXED_PRECISION_TOLERANCES as TOLERANCES, TINY, minkowski, randomize_
 
-# Tolerances, relative to the reference tensor's largest magnitude, per tensor. The unit
-# roundoff u is 2^-8 = 3.9e-3 for bf16 (8 significant bits) and 2^-11 = 4.9e-4 for fp16. Autocast
-# rounds the inputs and outputs of every convolution and linear layer, so the forward error is a
-# few u after the TINY encoder's 9 blocks (measured: up to 1.1u for bf16, 1.1u for fp16): allow 5u.
-# Parameter gradients pass through every block twice (forward and backward) and are sums over all
-# positions of terms of both signs, so their error relative to the sum is larger (measured: up to
-# 16u for bf16, the first LayerNorm's weight, 24u for fp16): allow 25u for bf16, 60u for fp16,
-# which is still far below what a wrong gradient (an O(1) error) gives.
-TOLERANCES = {torch.bfloat16: (5 * 2 ** -8, 25 * 2 ** -8), torch.float16: (5 * 2 ** -11, 60 * 2 ** -11)}
 BACKENDS = ["dense", "sparse", pytest.param("minkowski", marks=pytest.mark.minkowski)]
 
 

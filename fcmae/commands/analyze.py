@@ -21,11 +21,9 @@ from typing import Literal, Optional
 import torch
 from jsonargparse import ArgumentParser
 from torch.utils.data import DataLoader, Dataset
-from torchvision.datasets.folder import IMG_EXTENSIONS
-
 from fcmae.checkpoints import size_name
 from fcmae.data.labelled import check_in_chans
-from fcmae.data.reading import load_image, read_or_skip
+from fcmae.data.reading import ARRAY_EXTENSIONS, holds_arrays, load_image, read_array, read_or_skip
 from fcmae.data.sources import list_files
 from fcmae.data.transforms import eval_transform
 from fcmae.encoders import SIZES
@@ -68,8 +66,8 @@ def build_parser():
 # ----------------------------------------------------------------------------- images
 
 def pick_images(data, n):
-    """Up to n image files of `data`, taken round-robin over its class folders (val/ first, else
-    train/, else the folder itself), so even a small n covers many classes."""
+    """Up to n image (or .npy) files of `data`, taken round-robin over its class folders (val/
+    first, else train/, else the folder itself), so even a small n covers many classes."""
     root = Path(data).expanduser()
     if not root.is_dir():
         raise UserError(f"--data {data} is not a directory: pass a folder of images or of class folders")
@@ -77,9 +75,14 @@ def pick_images(data, n):
         if (root / split).is_dir():
             root = root / split
             break
-    paths = [p for p in list_files(root) if p.suffix.lower() in IMG_EXTENSIONS]
-    if not paths:
-        raise UserError(f"no images in {root}: pass a folder of images or of class folders (jpg, png, ...)")
+    listed = list_files(root)
+    if not len(listed):
+        raise UserError(f"no images in {root}: pass a folder of images or of class folders (jpg, png, ..., or .npy)")
+    try:
+        holds_arrays(listed, f"--data {data}")
+    except UserError as e:
+        raise UserError(str(e)) from None
+    paths = list(listed)
     by_class = defaultdict(list)
     for p in paths:
         by_class[p.parent].append(p)
@@ -88,16 +91,19 @@ def pick_images(data, n):
 
 
 class Images(Dataset):
-    """Image files through an eval transform: index -> (image, files skipped)."""
+    """Image or .npy files through an eval transform: index -> (image, files skipped)."""
 
     def __init__(self, paths, transform, in_chans):
-        self.paths, self.transform, self.mode = paths, transform, "RGB" if in_chans == 3 else "L"
+        self.paths, self.transform, self.in_chans = paths, transform, in_chans
 
     def __len__(self):
         return len(self.paths)
 
     def read(self, i):
-        return self.transform(load_image(self.paths[i], self.mode))
+        path = self.paths[i]
+        if path.suffix.lower() in ARRAY_EXTENSIONS:
+            return self.transform(read_array(path, self.in_chans))
+        return self.transform(load_image(path, "RGB" if self.in_chans == 3 else "L"))
 
     def __getitem__(self, i):
         return read_or_skip(self.read, i, len(self), lambda j: self.paths[j])
@@ -247,7 +253,7 @@ def analyze(cfg):
     if len(in_chans) > 1:
         raise UserError(f"the encoders take different input channels ({sorted(in_chans)}): analyze them separately")
     in_chans = in_chans.pop()
-    check_in_chans(in_chans)
+    check_in_chans(in_chans, cfg.data)
 
     paths = pick_images(cfg.data, cfg.images)
     dataset = Images(paths, eval_transform(input_size, in_chans), in_chans)

@@ -3,15 +3,17 @@ each sparse-encoder backend, side by side in one run.
 
     fcmae bench --model tiny --batch-size 8 --steps 5             # dense, sparse, minkowski if installed
     fcmae bench --model base --batch-size 4 --steps 3
-    fcmae bench --model tiny --backends [sparse] --mask-ratio [0.4,0.6,0.75]
+    fcmae bench --model tiny --backends sparse --mask-ratio 0.4 0.6 0.75          # lists: words, or a,b,c
     python -m fcmae.commands.bench ...                             # the same, without the `fcmae` CLI
 
 Method. One FCMAE model (one parameter set) and one AdamW optimizer (the paper's betas and weight
-decay; the fused implementation where torch has one) serve every backend: the encoder's backend
+decay; training's, fcmae.optim.adamw) serve every backend: the encoder's backend
 is switched between steps. Each round runs one step per backend, in a rotating order, on the
 same images and the same random mask (a new mask per round), so every backend sees the same
 work and the same machine load; the table gives the median over rounds, after `--warmup`
-untimed steps per backend. Ratios are throughput ratios to `dense` at the same mask ratio.
+untimed steps per backend. Ratios are throughput ratios to `dense` at the same mask ratio. The
+device runs as in training: TF32 matrix products (fcmae.precision.use_tf32) and cuDNN's
+autotuned kernels (cudnn.benchmark).
 
 Columns.
 - img/s: batch / median step time; `x dense`: that throughput over dense's.
@@ -51,10 +53,12 @@ from fcmae.encoders import BACKENDS, SIZES, resolve_backend
 from fcmae.encoders.convnextv2 import size_config
 from fcmae.errors import UserError
 from fcmae.files import write_atomic
+from fcmae.listflags import list_flags, list_words
 from fcmae.masking import PATCH_SIZE, check_input_size, check_mask_ratio, random_mask
-from fcmae.precision import ALIASES, DTYPES, PRECISIONS, resolve_precision
+from fcmae.precision import ALIASES, DTYPES, PRECISIONS, resolve_precision, use_tf32
 
 DEFAULT_MODEL = "tiny"
+CUDA_WARMUP = 10  # untimed steps per backend on CUDA, by default
 
 
 def build_parser():
@@ -70,7 +74,7 @@ def build_parser():
     p.add_argument("--input-size", type=int, default=224, help=f"image side in pixels, a multiple of {PATCH_SIZE}")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--mask-ratio", type=List[float], default=[0.6],
-                   help="one or more mask ratios, e.g. [0.4,0.6,0.75]; each gets its own rows")
+                   help="one or more mask ratios, e.g. 0.4 0.6 0.75 (or 0.4,0.6,0.75); each gets its own rows")
     p.add_argument("--in-chans", type=int, default=3)
     p.add_argument("--device", type=str, default="cpu", help="cpu | cuda | cuda:N")
     p.add_argument("--precision", type=Literal[tuple(p for p in PRECISIONS if p != "auto") + tuple(ALIASES)],
@@ -80,7 +84,9 @@ def build_parser():
                    help="model and images in channels-last memory format (helps the dense backend's convs)")
     p.add_argument("--compile", action=ActionYesNo(no_prefix="no-"), default=False, help="torch.compile the model")
     p.add_argument("--steps", type=int, default=5, help="timed rounds (one step per backend each)")
-    p.add_argument("--warmup", type=int, default=1, help="untimed steps per backend first")
+    p.add_argument("--warmup", type=Optional[int], default=None,
+                   help="untimed steps per backend first; default 1 on CPU, 10 on CUDA (cuDNN's kernel choice, "
+                        "the caching allocator and lazy initialization settle over the first steps)")
     p.add_argument("--memory", action=ActionYesNo(no_prefix="no-"), default=True,
                    help="measure peak memory (CPU: one extra untimed, profiled step per backend)")
     p.add_argument("--threads", type=Optional[int], default=None, help="torch CPU threads (default: torch's)")
@@ -166,12 +172,9 @@ class Stepper:
                            mask_ratio=cfg.mask_ratio[0]).to(device)
         if cfg.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
-        from fcmae.optim import param_groups
+        from fcmae.optim import adamw, param_groups
         groups = param_groups(self.model, weight_decay=0.05)  # pre-training's weight-decay split
-        try:  # the fused AdamW (CPU and CUDA in recent torch) is the fastest; same for every backend
-            self.optimizer = torch.optim.AdamW(groups, lr=1.5e-4, betas=(0.9, 0.95), fused=True)
-        except (RuntimeError, TypeError, ValueError):
-            self.optimizer = torch.optim.AdamW(groups, lr=1.5e-4, betas=(0.9, 0.95))
+        self.optimizer = adamw(groups, device, lr=1.5e-4, betas=(0.9, 0.95))  # training's AdamW
         self.optimizer_kind = "fused" if self.optimizer.defaults.get("fused") else "foreach"
         self.scaler = torch.amp.GradScaler(device.type) if self.dtype == torch.float16 else None
         self.forward = torch.compile(self.model) if cfg.compile else self.model
@@ -251,9 +254,12 @@ class Stepper:
 
 
 def bench_device(cfg):
-    """The device and the checks of the flags, before anything is built."""
+    """The device and the checks of the flags, before anything is built; the device settings of
+    a training run (TF32 matrix products, cuDNN's kernel choice for fixed shapes)."""
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
+    use_tf32()
+    torch.backends.cudnn.benchmark = True  # as training's Trainer(benchmark=True)
     try:
         device = torch.device(cfg.device)
     except RuntimeError as e:
@@ -265,6 +271,8 @@ def bench_device(cfg):
     if resolve_precision(cfg.precision) == "16-mixed" and device.type != "cuda":
         raise UserError(f"--precision {cfg.precision} needs --device cuda (on CPU use bf16-mixed or 32)")
     check_input_size(cfg.input_size)
+    if cfg.warmup is None:
+        cfg.warmup = CUDA_WARMUP if device.type == "cuda" else 1
     if cfg.batch_size < 1 or cfg.steps < 1 or cfg.warmup < 0:
         raise UserError("--batch-size and --steps must be >= 1, --warmup >= 0")
     if not cfg.mask_ratio:
@@ -404,7 +412,7 @@ def run(cfg):
 
 def main(argv=None):
     parser = build_parser()
-    cfg = parser.parse_args(argv)
+    cfg = parser.parse_args(list_words(list(sys.argv[1:] if argv is None else argv), list_flags(parser)))
     try:
         run(cfg)
     except UserError as e:

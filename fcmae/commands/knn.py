@@ -29,7 +29,7 @@ def build_parser():
                    help="weights: a run directory, .ckpt, export or release checkpoint")
     p.add_argument("--random-init", action="store_true", help="a randomly initialized encoder of --model instead")
     p.add_argument("--model", type=Literal[tuple(SIZES)], default="atto", help="size for --random-init")
-    p.add_argument("--in-chans", type=int, default=3, help="input channels for --random-init (3 RGB, 1 grayscale)")
+    p.add_argument("--in-chans", type=int, default=3, help="input channels for --random-init (3 RGB, 1 grayscale, any other: .npy class folders)")
     add_knn_flags(p, KNN_FLAGS)
     p.add_argument("--input-size", type=Optional[int], default=None,
                    help=f"eval crop side in pixels, a multiple of {PATCH_SIZE} (default: the checkpoint's training size, "

@@ -10,12 +10,16 @@ from typing import Optional
 from jsonargparse import ArgumentParser
 
 from fcmae.data.shards import write_shards
+from fcmae.errors import SettingError
+
+# The library's settings as this command's arguments and flags.
+ARGUMENTS = {"src": "SRC", "out": "OUT", "max_size": "--max-size", "samples_per_shard": "--samples-per-shard"}
 
 
 def build_parser():
     p = ArgumentParser(prog="fcmae shard", description=(
-        "Write a folder that fcmae pretrain reads (DIR/train/<class>/<file>, DIR/<class>/<file> or DIR/<file>; "
-        "images or .npy) as WebDataset shards OUT/shard-000000.tar, ... with each file's original bytes, its class "
+        "Write a folder that fcmae pretrain reads (DIR/train/<class>/<file>, DIR/<class>/<file> or any tree of "
+        "files, read whole; images or .npy) as WebDataset shards OUT/shard-000000.tar, ... with each file's original bytes, its class "
         "index as .cls when there are class folders, and OUT/index.json. Rerunning after an interruption keeps "
         "the shards already written."))
     p.add_argument("src", type=str, help="the data folder")
@@ -27,5 +31,8 @@ def build_parser():
 
 
 def run(cfg):
-    index = write_shards(cfg.src, cfg.out, cfg.max_size, cfg.samples_per_shard)
+    try:
+        index = write_shards(cfg.src, cfg.out, cfg.max_size, cfg.samples_per_shard)
+    except SettingError as e:
+        raise e.worded(ARGUMENTS) from None
     print(f"wrote {index['samples']} samples in {len(index['shards'])} shards to {cfg.out}")

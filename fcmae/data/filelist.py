@@ -122,31 +122,38 @@ class Listing:
 
     def add_classes(self, class_to_idx, extensions, allow_empty):
         """torchvision's make_dataset, without a list of tuples: every file under each class
-        folder (recursively, following symlinks; folders and files in sorted order) whose name
-        ends with one of `extensions` (any case), labelled with its class index. An empty class
-        is a FileNotFoundError with torchvision's message unless `allow_empty`."""
+        folder (`add_tree`), labelled with its class index. An empty class is a
+        FileNotFoundError with torchvision's message unless `allow_empty`."""
         self.classes = sorted(class_to_idx, key=class_to_idx.get)
         found_any = set()
         for name in sorted(class_to_idx):
-            if not os.path.isdir(os.path.join(self.root, name)):
-                continue
-            found, stack = [], [name]
-            while stack:  # every folder below the class folder
-                rel = stack.pop()
-                entries = self.read_dir(rel)
-                if entries is None:
-                    continue
-                files = sorted(e.name for e in entries if not is_dir(e) and e.name.lower().endswith(extensions))
-                found.append((rel, files))
-                stack.extend(os.path.join(rel, e.name) for e in entries if is_dir(e))
-            for rel, files in sorted(found):  # os.walk's folders, sorted by path
-                for file in files:
-                    self.add(os.path.join(rel, file), class_to_idx[name])
-                found_any.update([name] if files else [])
+            if os.path.isdir(os.path.join(self.root, name)) and \
+                    self.add_tree(name, lambda file: file.lower().endswith(extensions), class_to_idx[name]):
+                found_any.add(name)
         empty = set(class_to_idx) - found_any
         if empty and not allow_empty:
             raise FileNotFoundError(f"Found no valid file for the classes {', '.join(sorted(empty))}. "
                                     f"Supported extensions are: {', '.join(extensions)}")
+
+    def add_tree(self, top, match, label=0):
+        """Every file under folder `top` ("" for root), recursively, following symlinks (folders
+        and files in sorted order, as os.walk's sorted), whose name `match(name)` accepts,
+        labelled `label`. Returns how many."""
+        found, stack = [], [top]
+        while stack:  # every folder below `top`
+            rel = stack.pop()
+            entries = self.read_dir(rel)
+            if entries is None:
+                continue
+            files = sorted(e.name for e in entries if not is_dir(e) and match(e.name))
+            found.append((rel, files))
+            stack.extend(os.path.join(rel, e.name) for e in entries if is_dir(e))
+        count = 0
+        for rel, files in sorted(found):  # os.walk's folders, sorted by path
+            for file in files:
+                self.add(os.path.join(rel, file), label)
+            count += len(files)
+        return count
 
     def result(self):
         offsets = np.zeros(len(self.ends) + 1, np.int64)

@@ -68,6 +68,9 @@ class SkippingImageFolder(VisionDataset):
     def __init__(self, root, transform, in_chans=3, strict=False, cache=None):
         super().__init__(root, transform=transform)
         self.paths = list_classes(self.root, IMG_EXTENSIONS + ARRAY_EXTENSIONS, cache)
+        # Files beside the class folders have no class: left out, and said so (`left_out_note`).
+        self.loose = sorted(e.name for e in os.scandir(self.root)
+                            if not e.is_dir() and e.name.lower().endswith(IMG_EXTENSIONS + ARRAY_EXTENSIONS))
         self.classes = self.paths.classes
         self.class_to_idx = {name: i for i, name in enumerate(self.classes)}
         self.targets = self.paths.labels
@@ -97,6 +100,31 @@ class SkippingImageFolder(VisionDataset):
     def __getitem__(self, index):
         (image, label), skipped = read_or_skip(self.read, index, len(self), self.paths.__getitem__, self.strict)
         return Labelled(image, label, skipped)
+
+
+class SplitSubset(Subset):
+    """A part of a SkippingImageFolder (a held-out split, or the rest of it): an unreadable file
+    is replaced by the next file of the same part, never by one of another part (a training
+    image in validation). Items and `skipped` counts as the folder's own."""
+
+    def __getitem__(self, index):
+        folder = self.dataset
+        (image, label), skipped = read_or_skip(lambda i: folder.read(self.indices[i]), index, len(self),
+                                               lambda i: folder.paths[self.indices[i]], folder.strict)
+        return Labelled(image, label, skipped)
+
+    def __getitems__(self, indices):
+        return [self[i] for i in indices]
+
+
+def left_out_note(folder):
+    """One line about the files of a SkippingImageFolder's root that no class folder holds (they
+    have no label, so they are left out), or None."""
+    if not folder.loose:
+        return None
+    n, first = len(folder.loose), folder.loose[0]
+    return (f"note: {n} file{'s' * (n > 1)} directly in {folder.root} ({first}{', ...' * (n > 1)}) {'are' if n > 1 else 'is'} "
+            f"left out: a file's class is the folder it is in; move {'them' if n > 1 else 'it'} into a class folder")
 
 
 def image_folder(root, split, transform, in_chans=3, strict=False, cache=None):
@@ -186,8 +214,9 @@ def targets(dataset):
 def labelled_sets(data, input_size, in_chans=3, val_split=0.1, max_train=None, seed=0):
     """`data` -> (train set, val set, class names), `Labelled` items through the eval transform
     (what kNN evaluation uses). Without val/ a stratified, seeded `val_split` of train/ is the
-    val set; `max_train` caps the train set (stratified, seeded)."""
-    check_in_chans(in_chans)
+    val set; `max_train` caps the train set (stratified, seeded). Class folders of images or of
+    `.npy` arrays (any `in_chans`)."""
+    check_in_chans(in_chans, data)
     check_input_size(input_size)
     root = Path(data).expanduser()
     if not (root / "train").is_dir():
@@ -203,10 +232,11 @@ def labelled_sets(data, input_size, in_chans=3, val_split=0.1, max_train=None, s
         if not held:
             raise SettingError(f"{root}/train has no class with two or more images to hold out for validation: "
                                f"add images, or a val/ folder")
-        train, val = Subset(train, kept), Subset(train, held)
+        train, val = SplitSubset(train, kept), SplitSubset(train, held)
     if max_train is not None and len(train) > max_train:
         labels = targets(train)
         kept, _ = stratified_split(labels, 1 - max_train / len(labels), seed)
-        train = Subset(train.dataset, [train.indices[i] for i in kept]) if isinstance(train, Subset) else Subset(train, kept)
+        train = SplitSubset(train.dataset, [train.indices[i] for i in kept]) if isinstance(train, Subset) \
+            else SplitSubset(train, kept)
     classes = (train.dataset if isinstance(train, Subset) else train).classes
     return train, val, classes

@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 from fcmae.data.filelist import default_cache
 from fcmae.data.shards import EpochLoader, is_shards, need_shards, open_shards
 from fcmae.data.sources import find_source
-from fcmae.data.transforms import normalization, pretrain_transform
+from fcmae.data.transforms import ToFloat, normalization, pretrain_transform
 from fcmae.data.views import MaskedViews, seeded
 from fcmae.errors import SettingError
 from fcmae.masking import PATCH_SIZE, check_input_size, check_mask_ratio
@@ -115,11 +115,10 @@ class PretrainData(L.LightningDataModule):
         self.sampler = None
         self.shards = data != "demo" and is_shards(data)
         if self.shards:  # WebDataset shards (fcmae/data/shards.py)
-            def transform_for(arrays):
-                self.norm = normalization(in_chans, arrays)
-                return pretrain_transform(input_size, self.norm)
-            self.dataset, _ = open_shards(data, in_chans, samples_per_epoch, transform_for, input_size, mask_ratio,
-                                          seed, batch_size, shuffle_buffer, strict)
+            self.dataset, arrays = open_shards(data, in_chans, samples_per_epoch, pretrain_transform(input_size),
+                                               input_size, mask_ratio, seed, batch_size, shuffle_buffer, strict)
+            self.norm = normalization(in_chans, arrays)
+            self.to_float = ToFloat(self.norm)
             self.epoch_samples = self.dataset.samples
             return
         if samples_per_epoch is not None:
@@ -127,13 +126,18 @@ class PretrainData(L.LightningDataModule):
                                "or point `data` at shards")
         # The listing is cached (fcmae.data.filelist): millions of files are listed once, not every start.
         source, arrays = find_source(data, in_chans, input_size, strict, cache=default_cache())
-        self.norm = normalization(in_chans, arrays)  # for un-normalizing reconstructions
-        self.dataset = MaskedViews(source, pretrain_transform(input_size, self.norm), input_size, mask_ratio, seed)
+        self.norm = normalization(in_chans, arrays)  # also for un-normalizing reconstructions
+        self.to_float = ToFloat(self.norm)
+        self.dataset = MaskedViews(source, pretrain_transform(input_size), input_size, mask_ratio, seed)
         self.epoch_samples = len(self.dataset)
 
     def batches_per_epoch(self, world_size):
         """Full batches one rank gets per epoch (drop_last)."""
         return self.epoch_samples // world_size // self.batch_size
+
+    def on_after_batch_transfer(self, batch, dataloader_idx):
+        """The batch on the device, its views (uint8 for images) to float and normalized there."""
+        return batch._replace(view=self.to_float(batch.view))
 
     def train_dataloader(self):
         trainer = self.trainer
@@ -170,12 +174,14 @@ class PretrainData(L.LightningDataModule):
         return [i * size // n for i in range(n)] if n < size else list(range(size))
 
     def preview(self, n=8):
-        """A fixed batch (same views and masks every call) for reconstructions: `preview_keys`
-        for folders, the first n samples of the first shard for shards."""
+        """A fixed batch (same views and masks every call) for reconstructions, normalized as
+        training batches are: `preview_keys` for folders, the first n samples of the first shard
+        for shards."""
         if self.shards:
-            return self.dataset.preview(n)
-        views, masks = zip(*(self.dataset[k] for k in self.preview_keys(n)))
-        return torch.stack(views), torch.stack(masks)
+            views, masks = self.dataset.preview(n)
+        else:
+            views, masks = (torch.stack(t) for t in zip(*(self.dataset[k] for k in self.preview_keys(n))))
+        return self.to_float(views), masks
 
 
 # ----------------------------------------------------------------------------- labelled data

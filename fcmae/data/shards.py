@@ -123,6 +123,9 @@ def kind_and_chans(path):
 def write_shards(src, out, max_size="1GB", samples_per_shard=None, progress=True):
     """Write SRC's files as shards in OUT; returns the index (a dict, also OUT/index.json)."""
     from tqdm import tqdm
+    if Path(out).exists() and not Path(out).is_dir():
+        raise SettingError(f"`out` {out} is a file, not a folder: pass a folder for the shards (a new one, or the "
+                           f"one an interrupted run was writing)")
     root, paths, labels, classes = source_files(src)
     try:
         kind, in_chans = kind_and_chans(paths[0])
@@ -399,9 +402,9 @@ class ShardViews(IterableDataset):
         return torch.stack(views), torch.stack(masks)
 
 
-def open_shards(data, in_chans, samples_per_epoch, transform_for, input_size, mask_ratio, seed, batch_size,
+def open_shards(data, in_chans, samples_per_epoch, transform, input_size, mask_ratio, seed, batch_size,
                 shuffle_buffer, strict):
-    """`--data SHARDS` -> (ShardViews, kind). `transform_for(arrays)` builds the augmentation."""
+    """`--data SHARDS` -> (ShardViews with the augmentation `transform`, whether it holds arrays)."""
     urls, samples, index = resolve_shards(data, samples_per_epoch)
     if index is not None:
         kind = index["kind"]
@@ -410,7 +413,7 @@ def open_shards(data, in_chans, samples_per_epoch, transform_for, input_size, ma
                                f"pass `in_chans` {index['in_chans']}")
     else:  # without an index: arrays are what more or fewer than 3 (RGB) or 1 (gray) channels need
         kind = "images" if in_chans in (1, 3) else "arrays"
-    views = ShardViews(urls, samples, kind, in_chans, transform_for(kind == "arrays"), input_size, mask_ratio, seed,
+    views = ShardViews(urls, samples, kind, in_chans, transform, input_size, mask_ratio, seed,
                        batch_size, shuffle_buffer, strict)
     return views, kind == "arrays"
 

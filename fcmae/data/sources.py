@@ -2,8 +2,8 @@
 as a dataset of (sample, files skipped), sample a PIL image or a (C, H, W) tensor.
 
 A folder is read as `DATA/train/<class>/<file>` (the ImageNet-1K layout: train/ only, labels
-ignored), `DATA/<class>/<file>` or `DATA/<file>`, images or `.npy` arrays, one kind per folder
-(fcmae/data/reading.py reads each file). WebDataset shards are fcmae/data/shards.py's.
+ignored), `DATA/<class>/<file>`, or any tree of files (`DATA/<file>` beside `DATA/<sub>/.../<file>`:
+all of them), images or `.npy` arrays, one kind per folder (fcmae/data/reading.py reads each file). WebDataset shards are fcmae/data/shards.py's.
 """
 import math
 from pathlib import Path
@@ -93,16 +93,19 @@ class FileSamples(Dataset):
 
 
 def list_files(root, cache=None):
-    """The sample files of a folder (a PathList): the files directly in it, else those of its
-    class folders. `cache`: a folder to keep the listing in (fcmae.data.filelist.cached_listing)."""
+    """The sample files of a folder (a PathList): with class folders only, the files under each
+    (labelled by class, as torchvision's ImageFolder); otherwise every file of the folder tree,
+    its top level and all its subfolders (unlabelled): `photos/*.jpg` beside `photos/thumbs/*.jpg`
+    is read whole. `cache`: a folder to keep the listing in (fcmae.data.filelist.cached_listing)."""
     extensions = IMG_EXTENSIONS + ARRAY_EXTENSIONS
 
     def scan(listing):
         # Not only regular files: a broken symlink is listed too, to be skipped with a warning by name.
-        flat = sorted(e.name for e in listing.read_dir("") or () if not is_dir(e) and suffix(e.name) in extensions)
-        if flat:
-            for name in flat:
-                listing.add(name)
+        def sample(name):
+            return suffix(name) in extensions
+
+        if any(not is_dir(e) and sample(e.name) for e in listing.read_dir("") or ()):
+            listing.add_tree("", sample)
             return
         try:
             _, class_to_idx = find_classes(listing.root)
@@ -110,7 +113,7 @@ def list_files(root, cache=None):
             return  # no class folders
         # Labels are not used: an empty class folder is harmless here (allow_empty).
         listing.add_classes(class_to_idx, extensions, allow_empty=True)
-    return cached_listing(root, f"samples:{','.join(extensions)}", scan, cache)
+    return cached_listing(root, f"samples-tree:{','.join(extensions)}", scan, cache)
 
 
 def suffix(name):

@@ -1,7 +1,7 @@
 """Every transform a sample goes through, and the one home of the normalization statistics.
 
-Pre-training (`pretrain_transform`): the paper's RandomResizedCrop + flip on the uint8 image, then
-to float and normalized in one pass. Labelled data (`train_transform`, `eval_transform`): the
+Pre-training (`pretrain_transform`): the paper's RandomResizedCrop + flip on the uint8 image; the
+batch goes to float and is normalized in one pass on the device (`ToFloat`). Labelled data (`train_transform`, `eval_transform`): the
 release's fine-tuning recipe built by timm, normalized, for images; the same geometry on tensors
 for `.npy` arrays (no normalization, no RandAugment: its operations are defined on RGB images).
 """
@@ -23,33 +23,50 @@ def normalization(in_chans, arrays):
 
 # ----------------------------------------------------------------------------- pre-training
 
-def pretrain_transform(input_size, norm):
+def pretrain_transform(input_size):
     """The paper's augmentation: RandomResizedCrop(scale 0.2-1, bicubic) + horizontal flip, on
-    the uint8 image (cropped and resized before any float copy of it), then to float and
-    normalized in one pass (`ToFloat`)."""
+    the sample as loaded: a view of an image stays uint8 (C, S, S), a view of an array float32.
+    Views travel to the device so, a quarter of float32's bytes, and are normalized there
+    (`ToFloat`, fcmae.data.modules.PretrainData)."""
     return v2.Compose([
         v2.ToImage(),  # PIL -> uint8 tensor; tensors (decoded JPEGs, arrays) pass through as images
         v2.RandomResizedCrop(input_size, scale=(0.2, 1.0), interpolation=InterpolationMode.BICUBIC, antialias=True),
         v2.RandomHorizontalFlip(),
-        ToFloat(norm)])
+        PlainTensor()])
+
+
+class PlainTensor(torch.nn.Module):
+    """A torchvision image -> the plain tensor it holds (same storage), which batches collate into."""
+
+    def forward(self, x):
+        return x.as_subclass(torch.Tensor)
 
 
 class ToFloat(torch.nn.Module):
-    """uint8 (C, H, W) -> float32 (x / 255 - mean) / std, as v2.ToDtype(scale=True) + v2.Normalize
-    give (up to float rounding) but with one float copy instead of three. Float tensors (arrays)
-    pass through as they are, normalized if `norm`."""
+    """uint8 (C, H, W) or (N, C, H, W) -> float32 (x / 255 - mean) / std, as v2.ToDtype(scale=True)
+    + v2.Normalize give (up to float rounding) but with one float copy instead of three. Float
+    tensors (arrays) pass through as they are, normalized if `norm`. The same numbers on a batch
+    as on each of its views: elementwise, on any device."""
 
     def __init__(self, norm):
         super().__init__()
-        self.norm = norm
+        self.norm, self.stats = norm, {}
 
     def forward(self, x):
         scale = 255.0 if x.dtype == torch.uint8 else 1.0
         x = x.as_subclass(torch.Tensor).to(torch.float32, copy=True)
         if self.norm is None:
             return x.div_(scale) if scale != 1 else x
-        mean, std = (torch.tensor(v, dtype=torch.float32).view(-1, 1, 1) * scale for v in self.norm)
+        mean, std = self.scaled_stats(scale, x.device)
         return x.sub_(mean).div_(std)
+
+    def scaled_stats(self, scale, device):
+        """(mean, std) x `scale` as (C, 1, 1) tensors on `device`, made once: a copy to a GPU
+        from ordinary memory waits for the GPU, so none is made per batch."""
+        if (scale, device) not in self.stats:
+            self.stats[scale, device] = tuple((torch.tensor(v, dtype=torch.float32).view(-1, 1, 1) * scale).to(device)
+                                              for v in self.norm)
+        return self.stats[scale, device]
 
 
 # ----------------------------------------------------------------------------- labelled data

@@ -18,7 +18,7 @@ from fcmae.masking import PATCH_SIZE, random_mask
 
 class MaskedView(NamedTuple):
     """A pre-training item, and (collated) a batch of them."""
-    view: torch.Tensor  # (C, S, S); batch (N, C, S, S)
+    view: torch.Tensor  # (C, S, S), uint8 for images (normalized on the device), float for arrays; batch (N, C, S, S)
     mask: torch.Tensor  # (S/32, S/32), 1 = masked; batch (N, S/32, S/32)
     skipped: int  # files skipped to find a readable sample; batch (N,)
 

@@ -1,19 +1,33 @@
-"""Trainer add-ons every training task may use: crash-safe checkpoint files, last.ckpt upkeep,
-images/s, counts of unreadable files skipped, and the RNG states in the checkpoint."""
+"""Trainer add-ons every training task may use: which steps write logs, crash-safe checkpoint
+files, last.ckpt upkeep, images/s, counts of unreadable files skipped, the RNG states in the
+checkpoint, and progress output (a bar in a terminal, plain lines in a log)."""
+import datetime
 import os
 import random
+import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
-from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.callbacks import Callback, ProgressBar, TQDMProgressBar
 
 from fcmae.checkpoints import load, save_torch
 from fcmae.data.reading import SKIPPED_FILES_ENV
 from fcmae.files import atomic_write
 from fcmae.rundir import LAST
+
+
+# ----------------------------------------------------------------------------- logging
+
+def writes_logs(trainer):
+    """Whether Lightning writes the values logged at this optimizer step (every --log-every
+    steps; Lightning's own rule, the same in every hook of the step). Tasks log only then: a
+    value logged at another step is never written, and still costs the device its copies (a
+    Python number becomes a device tensor; a progress-bar value is read back at every batch)."""
+    return trainer._logger_connector.should_update_logs
+
 
 # ----------------------------------------------------------------------------- checkpoints
 
@@ -132,26 +146,94 @@ class SkippedFiles(Callback):
 # ----------------------------------------------------------------------------- throughput
 
 class Throughput(Callback):
-    """Logs images/s over all ranks (`train/images_per_sec`, also on the progress bar),
-    smoothed over recent batches; the time includes data loading."""
+    """Logs images/s over all ranks (`train/images_per_sec`) at the steps that write logs
+    (`writes_logs`): the images of all ranks since the previous such step over the time they
+    took, data loading included. Host time: the step's finite check (fcmae/module.py) keeps the
+    host in step with the device."""
 
     # Not Lightning's ThroughputMonitor: its names are fixed (`train/samples_per_sec`, logged only
-    # with more than one rank; `train/device/samples_per_sec` otherwise), it writes straight to
-    # the logger (never the progress bar) and only once its window (100 batches) is full.
+    # with more than one rank; `train/device/samples_per_sec` otherwise) and it writes straight to
+    # the logger only once its window (100 batches) is full.
 
-    def __init__(self, smoothing=0.9):
-        self.smoothing, self.last, self.rate = smoothing, None, None
+    def __init__(self):
+        self.start, self.images, self.step = None, 0, None
 
     def on_train_epoch_start(self, trainer, pl_module):
-        self.last = None  # the gap between epochs is not a training step
+        self.start = None  # the gap between epochs is not a training step
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        now, stepped = time.perf_counter(), trainer.global_step != self.step
+        self.step = trainer.global_step
+        if self.start is None:
+            self.start, self.images = now, 0
+            return
+        self.images += batch[0].shape[0] * trainer.world_size
+        if stepped and writes_logs(trainer):  # the batch that ends an accumulation window
+            pl_module.log("train/images_per_sec", self.images / (now - self.start))
+            self.start, self.images = now, 0
+
+
+# ----------------------------------------------------------------------------- progress
+
+def progress_output(every, accumulate, stream=None):
+    """The run's progress callback: in a terminal, Lightning's bar, refreshed every `every`
+    optimizer steps (`accumulate` batches each); otherwise (a log file, a pipe, a scheduler's
+    output) `ProgressLines`, which never rewrites a line. Both read the logged tensors only
+    when they show them, so progress output adds no host-device sync to the other steps."""
+    if (stream or sys.stdout).isatty():
+        return TQDMProgressBar(refresh_rate=every * accumulate)
+    return ProgressLines(every, stream)
+
+
+def clock(seconds):
+    """Seconds as h:mm:ss."""
+    return str(datetime.timedelta(seconds=round(seconds)))
+
+
+class ProgressLines(ProgressBar):
+    """Progress for logs: one plain line every `every` optimizer steps, on rank 0:
+
+        step 150/936  epoch 0  loss 0.9841  lr 1.2e-05  37.9 images/s  0:03:21 left
+
+    loss: the latest logged `train/loss` (read here, once per line); lr: the largest of the
+    optimizer's groups; images/s over all ranks since the previous line; time left at that
+    rate. Lines end in a newline only: a 500k-step run at --log-every 50 writes 10k lines."""
+
+    def __init__(self, every, stream=None):
+        super().__init__()
+        self.every, self.stream, self.is_enabled = every, stream, True
+        self.shown_step, self.mark, self.images = None, None, 0
+
+    def disable(self):
+        self.is_enabled = False
+
+    def enable(self):
+        self.is_enabled = True
+
+    def on_train_start(self, trainer, pl_module):
+        self.shown_step, self.mark, self.images = trainer.global_step, time.perf_counter(), 0
+        self.total = trainer.estimated_stepping_batches  # optimizer steps of the whole run (max_steps too)
+
+    def on_train_epoch_start(self, trainer, pl_module):
+        self.total = trainer.estimated_stepping_batches
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.images += len(batch[0]) * trainer.world_size  # a shape: no device sync
+        step = trainer.global_step
+        if not self.is_enabled or step == self.shown_step or step % self.every:
+            return
         now = time.perf_counter()
-        if self.last is not None:
-            rate = batch[0].shape[0] * trainer.world_size / (now - self.last)
-            self.rate = rate if self.rate is None else self.smoothing * self.rate + (1 - self.smoothing) * rate
-            pl_module.log("train/images_per_sec", self.rate, prog_bar=True)
-        self.last = now
+        seconds, steps = now - self.mark, step - self.shown_step
+        loss = trainer.callback_metrics.get("train/loss")
+        lr = max(group["lr"] for group in trainer.optimizers[0].param_groups)
+        left = clock((self.total - step) * seconds / steps) if self.total != float("inf") else "?"
+        print(f"step {step}/{self.total}  epoch {trainer.current_epoch}  "
+              f"loss {float(loss) if loss is not None else float('nan'):.4f}  lr {lr:.3g}  "
+              f"{self.images / seconds:.1f} images/s  {left} left", file=self.stream or sys.stdout, flush=True)
+        self.shown_step, self.mark, self.images = step, now, 0
+
+    def print(self, *args, **kwargs):
+        print(*args, **kwargs, file=self.stream or sys.stdout, flush=True)
 
 
 # ----------------------------------------------------------------------------- random state

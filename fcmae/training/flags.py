@@ -10,6 +10,8 @@ user chose (a recipe value may be fitted to the data, a chosen one is kept).
 from importlib.resources import files
 from typing import Literal, Optional, Union
 
+from jsonargparse import ActionYesNo
+
 from fcmae.errors import UserError
 from fcmae.precision import PRECISIONS
 from fcmae.rundir import CHECKPOINTS, LAST
@@ -20,7 +22,8 @@ STRATEGIES = ("auto", "ddp", "fsdp")
 # ----------------------------------------------------------------------------- flags
 
 def add_hardware_flags(parser, devices="auto", strategy=True):
-    """--accelerator, --devices, --num-nodes, --strategy (if `strategy`), --precision, --workers."""
+    """--accelerator, --devices, --num-nodes, --strategy (if `strategy`), --precision, --workers,
+    --channels-last."""
     g = parser.add_argument_group("hardware")
     g.add_argument("--accelerator", type=str, default="auto", help="auto | cpu | gpu | ...")
     g.add_argument("--devices", type=Union[int, str], default=devices, help="devices per node: N, 'auto' or '0,1'")
@@ -30,7 +33,13 @@ def add_hardware_flags(parser, devices="auto", strategy=True):
                        help="auto = DDP when more than one device; fsdp shards large/huge")
     g.add_argument("--precision", type=Literal[PRECISIONS], default="auto",
                    help="auto = bf16-mixed on GPUs that support it, else 32")
-    g.add_argument("--workers", type=int, default=8, help="data loader processes per device")
+    g.add_argument("--workers", type=Union[Literal["auto"], int], default="auto",
+                   help="data loader processes per device; auto: the node's cores shared among its devices, less "
+                        "one per GPU for its training process (on the CPU, less half for its compute threads)")
+    g.add_argument("--channels-last", action=ActionYesNo(no_prefix="no-"), default=False,
+                   help="convolution weights (and so activations) in channels-last memory format: cuDNN's "
+                        "fast depthwise kernels take it; whether a run gains is for `fcmae bench --channels-last` "
+                        "to tell")
     return g
 
 
@@ -74,7 +83,7 @@ def check(cfg, *at_least_one):
     for name in ("batch_size", "epochs", "log_every", *at_least_one):
         if cfg[name] is not None and cfg[name] < 1:
             raise UserError(f"--{name.replace('_', '-')} {cfg[name]}: must be at least 1")
-    if cfg.workers < 0:
+    if cfg.workers != "auto" and cfg.workers < 0:
         raise UserError(f"--workers {cfg.workers}: must be 0 (load in the training process) or more")
 
 

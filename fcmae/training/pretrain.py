@@ -12,7 +12,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 import torch
-from lightning.pytorch.callbacks import Callback, ModelCheckpoint, TQDMProgressBar
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from torchvision.utils import make_grid, save_image
 
 from fcmae.checkpoints import export_weights
@@ -48,6 +48,26 @@ def resolve(cfg, recipe):
     if cfg.output is None:
         cfg.output = f"runs/{cfg.model}-demo" if cfg.data == "demo" else f"runs/{cfg.model}"
     return cfg
+
+
+def fit_warmup(epochs, warmup, recipe_epochs, recipe_warmup, notes):
+    """The warmup (in epochs) of a run of `epochs`, with one line in `notes` when it changes or
+    is doubtful. The recipe's warmup (`warmup` equal to the recipe's `recipe_warmup`, written
+    for its `recipe_epochs`) is fitted to the run: at most a fifth of it, the longest warmup the
+    recipes use relative to their length (docs/method.md, "A short run's warmup", has the
+    measurements behind the choice). A warmup the user chose is kept, with a warning when it is
+    not shorter than the run: the lr would never reach its peak."""
+    if warmup != recipe_warmup:
+        if warmup >= epochs > 0 and warmup > 0:
+            notes.append(f"warning: --warmup-epochs {warmup:g} is not shorter than the run's {epochs} epochs: the lr "
+                         f"never leaves the warmup and stays below the peak it is set to; "
+                         f"--warmup-epochs {epochs / 5:g} (a fifth of the run) fits")
+        return warmup
+    fitted = min(warmup, epochs / 5)
+    if fitted != warmup:
+        notes.append(f"warmup {warmup:g} epochs -> {fitted:g}: the recipe's {warmup:g} of its {recipe_epochs} epochs, at "
+                     f"most a fifth of this run's {epochs}; pass --warmup-epochs to choose")
+    return fitted
 
 
 def require_backend(name, device=None):
@@ -96,14 +116,22 @@ class PretrainTask(Task):
         if batches == 0:
             raise UserError(f"{data.epoch_samples} samples are fewer than one batch of {cfg.batch_size} x {world} "
                             f"devices: lower --batch-size or add data")
+        notes = []
+        warmup = fit_warmup(cfg.epochs, cfg.warmup_epochs, *self.schedule_recipe(), notes)
         # What PretrainModule's schedule will span (it reads the same numbers off the trainer).
-        steps, total, warmup = schedule_steps(batches, cfg.accumulate, cfg.epochs, cfg.warmup_epochs)
+        steps, total, warmup_steps = schedule_steps(batches, cfg.accumulate, cfg.epochs, warmup)
         resolved = base_plan(cfg, world, cfg.accumulate, {"betas": list(cfg.betas)})
-        resolved.update(steps_per_epoch=steps, total_steps=total, warmup_steps=warmup)
+        resolved.update(warmup_epochs=warmup, steps_per_epoch=steps, total_steps=total, warmup_steps=warmup_steps)
         few = few_steps_warning(steps, data.epoch_samples, "lower --accumulate or --batch-size")
-        if few:
-            resolved["notes"] = [few]
+        resolved["notes"] = notes + ([few] if few else [])
         return resolved
+
+    def schedule_recipe(self):
+        """(epochs, warmup epochs) of the recipe in force: the recipe file's, or with `data` demo
+        the demo schedule's (DEMO)."""
+        if self.cfg.data == "demo":
+            return DEMO["epochs"], DEMO["warmup_epochs"]
+        return self.recipe.epochs, self.recipe.warmup_epochs
 
     def callbacks(self, resolved, output):
         cfg, run = self.cfg, RunDir(output)
@@ -115,7 +143,6 @@ class PretrainTask(Task):
                             save_on_train_epoch_end=True, enable_version_counter=False),
             Throughput(),
             Reconstructions(run.reconstructions, cfg.vis_every),
-            TQDMProgressBar(refresh_rate=1),
         ]
         if cfg.eval_data is not None:
             callbacks.append(KnnMonitor(cfg.eval_data, output, cfg.eval_every, cfg.input_size, cfg.in_chans,

@@ -26,7 +26,7 @@ only what is its own:
                         (one line per change to the recipe; `few_steps_warning`). It must hold
                         "epochs" and "accumulate". Called again with cfg.accumulate set when a
                         resume keeps the checkpoint's effective batch
-    callbacks(resolved, output)    its own callbacks (the Trainer already has checkpoint IO,
+    callbacks(resolved, output)    its own callbacks (the Trainer already has checkpoint IO, progress,
                         last.ckpt on a signal, skipped files, RNG state and TensorBoard)
     trainer_options(resolved)      more L.Trainer arguments (gradient clipping, no validation)
     on_device(resolved, trainer)   values that depend on the device the Trainer picked
@@ -40,12 +40,17 @@ Every file name of a run directory is fcmae.rundir's (add a new one there); metr
 through rundir.append_metrics. Library code raises fcmae.errors.SettingError naming settings,
 which reads as the flags of the same name; a task words the others (`e.worded(flags)`).
 
-What the run layer does once for all of them (`train`): check the run directory, find the
-checkpoint to resume (`resume_checkpoint`, refusing another model's), keep the checkpoint's
-effective batch on another device count (`keep_effective_batch`), build the Trainer
-(training.trainer), print the resolved configuration (and stop there with --dry-run), print the
-notes, seed, write config.yaml and fit (`fit`: a non-finite loss names the last good checkpoint,
-a signal leaves last.ckpt and raises `Stopped`).
+What the run layer does once for all of them (`train`): choose the loader workers for
+`--workers auto` (training.trainer.auto_workers), check the run directory, find the checkpoint to
+resume (`resume_checkpoint`, refusing another model's; an unreadable last.ckpt gives way to the
+run's newest readable checkpoint), keep the checkpoint's effective batch on another device count
+(`keep_effective_batch`), build the Trainer (training.trainer: its progress output is a bar in a
+terminal, a plain line every --log-every steps otherwise), print the resolved configuration (and
+stop there with --dry-run), print the notes, seed, build the module (its weights channels-last
+with --channels-last), write config.yaml and fit (`fit`: a non-finite loss names the last good
+checkpoint, a signal leaves last.ckpt and raises `Stopped`).
+A task's plan is a pure function of its flags and data, so a resumed run plans the same
+schedule again.
 """
 import math
 import os
@@ -59,10 +64,10 @@ from lightning.pytorch.utilities import rank_zero_only
 
 from fcmae.checkpoints import read_run_checkpoint
 from fcmae.errors import NonFiniteLoss, UserError
-from fcmae.precision import resolve_precision
-from fcmae.rundir import RunDir, write_config
+from fcmae.precision import resolve_precision, use_tf32
+from fcmae.rundir import RunDir, read_scalars, write_config
 from fcmae.training.callbacks import LastCheckpoint
-from fcmae.training.trainer import make_trainer, world_size
+from fcmae.training.trainer import auto_workers, make_trainer, training_threads, world_size
 
 
 class Task:
@@ -105,6 +110,9 @@ def train(task):
     """Run `task` from its flags to its final outputs: returns `task.finish(...)`, or None with
     --dry-run (which stops after printing the resolved configuration)."""
     task.check()
+    if task.cfg.workers == "auto":  # what this machine has: the resolved configuration says how many
+        task.cfg = task.cfg.clone()
+        task.cfg.workers = auto_workers(task.cfg)
     cfg = task.cfg
     output = Path(cfg.output)
     world = world_size(cfg)
@@ -128,6 +136,8 @@ def train(task):
     print_notes(resolved)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     module = task.module(resolved, data)
+    if cfg.get("channels_last"):  # before the strategy wraps it: DDP's buckets take the parameters' strides
+        module = module.to(memory_format=torch.channels_last)
     fit(trainer, module, resolved, ckpt_path, datamodule=data)
     return task.finish(trainer, module, resolved)
 
@@ -195,8 +205,9 @@ def resume_checkpoint(command, cfg, output, expected):
     """The checkpoint a run continues from, or None.
 
     --resume is "auto" (OUTPUT/checkpoints/last.ckpt if present) or a path; --no-resume: None.
-    `expected` maps hyperparameter names to this run's values: a checkpoint that disagrees is
-    refused.
+    An unreadable last.ckpt (a disk fault, a copy cut short) gives way to the newest readable
+    other checkpoint of the run (`fallback_checkpoint`). `expected` maps hyperparameter names to
+    this run's values: a checkpoint that disagrees is refused.
     """
     check_output(output)
     if cfg.no_resume:
@@ -205,16 +216,57 @@ def resume_checkpoint(command, cfg, output, expected):
         path = Path(cfg.resume)
         if not path.is_file():
             raise UserError(f"--resume {cfg.resume}: no such checkpoint file: pass a .ckpt path, or --resume auto")
+        checkpoint = read_run_checkpoint(path, command, trust=cfg.trust_checkpoint)
     else:
         path = RunDir(output).last
         if not path.is_file():
             return None
-    saved = read_run_checkpoint(path, command, trust=cfg.trust_checkpoint).get("hyper_parameters", {})
+        try:
+            checkpoint = read_run_checkpoint(path, command, trust=cfg.trust_checkpoint)
+        except UserError as e:
+            if "--trust-checkpoint" in str(e):
+                raise
+            path, checkpoint = fallback_checkpoint(command, cfg, output, e)
+    saved = checkpoint.get("hyper_parameters", {})
     for key, value in expected.items():
         if key in saved and saved[key] != value:
             raise UserError(f"{path} was trained with {key}={saved[key]}, this run asks for {value}: "
                             f"use another --output, or --no-resume to start over")
     return str(path)
+
+
+def fallback_checkpoint(command, cfg, output, error):
+    """(path, checkpoint) of the run's newest readable checkpoint other than its unreadable
+    last.ckpt (`error` says why): the periodic step*.ckpt (or best.ckpt) files of
+    OUTPUT/checkpoints, by their step. One line says which, and how many steps that costs (as
+    far as the run's TensorBoard log shows the step it had reached); none readable: `error`."""
+    run = RunDir(output)
+    found = []
+    for path in sorted(run.checkpoints.glob("*.ckpt")):
+        if path.name == run.last.name:
+            continue
+        try:
+            found.append((read_run_checkpoint(path, command, trust=cfg.trust_checkpoint), path))
+        except UserError:
+            continue
+    if not found:
+        raise UserError(f"{error} (no other checkpoint in {run.checkpoints} is readable either)") from None
+    checkpoint, path = max(found, key=lambda f: f[0].get("global_step", 0))
+    step, reached = checkpoint.get("global_step", 0), logged_step(run)
+    cost = (f"the run had reached step {reached}, so {reached - step} step{'s' * (reached - step > 1)} "
+            f"({step + 1}-{reached}) are trained again" if reached > step else f"the steps after {step} are trained again")
+    if rank_zero_only.rank == 0:
+        fact = str(error).split(": pass ")[0]  # "cannot read PATH (why)", without the advice for --resume
+        print(f"{fact}: resuming from {path}, the newest readable checkpoint of the run (step {step}); {cost}",
+              flush=True)
+    return path, checkpoint
+
+
+def logged_step(run):
+    """How many optimizer steps the run had done, as its TensorBoard log tells (0 if it does
+    not): the training loss is logged during a step, under the count of steps done before it."""
+    losses = read_scalars(run.tensorboard, "train/loss")
+    return losses[-1][0] + 1 if losses else 0
 
 
 def check_output(output):
@@ -282,11 +334,9 @@ def fit(trainer, module, resolved, ckpt_path=None, **data):
     if trainer.is_global_zero:
         write_config(resolved["output"], resolved)
     if trainer.strategy.root_device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
-        # Leave the loader workers their cores: oversubscribed OpenMP threads spin against each
-        # other (docs/internals.md, "Threads").
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-        torch.set_num_threads(max(1, (cores - resolved["workers"]) // trainer.num_devices))
-    torch.set_float32_matmul_precision("high")  # TF32 matmuls on GPUs that have them
+        # Leave the loader workers their cores (docs/internals.md, "Threads").
+        torch.set_num_threads(training_threads(resolved["workers"], trainer.num_devices))
+    use_tf32()
     try:
         with warnings.catch_warnings():
             # Our data modules resume inside an epoch themselves (they skip what the checkpoint's

@@ -35,6 +35,21 @@ def test_bench_one_step_json_line(capsys, tmp_path):
             assert r["ratio_to_dense"] == 1.0
 
 
+def test_bench_runs_as_training_does(capsys, monkeypatch):
+    """Training's AdamW, TF32 matrix products and cuDNN's autotuning; one warm-up step on CPU by default."""
+    import torch
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
+    precision = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision("highest")
+        result = bench.run_bench(parse(["--model", "atto", "--input-size", "64", "--batch-size", "2", "--steps", "1",
+                                        "--backends", "[dense]", "--no-memory"]))
+        assert torch.get_float32_matmul_precision() == "high" and torch.backends.cudnn.benchmark
+    finally:
+        torch.set_float32_matmul_precision(precision)
+    assert result["warmup"] == 1 and result["optimizer"] == "AdamW (fused)"
+
+
 def test_visible_flops_match_model_flops():
     """At mask ratio 0 the encoder's count is the usual model FLOPs (tiny: 4.47 G multiply-adds,
     the paper's table (docs/method.md), which include the 0.8 M of the classifier head we do not have)."""

@@ -194,10 +194,11 @@ def test_a_flat_folder_listing_is_cached_and_rebuilt(tmp_path):
     root.mkdir()
     for name in ("b.png", "a.JPG", ".png", "notes.txt", "x.npy"):
         (root / name).touch()
-    (root / "sub").mkdir()  # a folder beside flat files: not read
+    (root / "sub").mkdir()  # a folder beside flat files: read too (the tree, whole)
     (root / "sub" / "c.png").touch()
     age(root)
-    assert [p.name for p in list_files(root, cache)] == ["a.JPG", "b.png", "x.npy"]  # pathlib: ".png" has no suffix
-    assert [p.name for p in list_files(root, cache)] == ["a.JPG", "b.png", "x.npy"]
+    # pathlib: ".png" has no suffix
+    assert [str(p.relative_to(root)) for p in list_files(root, cache)] == ["a.JPG", "b.png", "x.npy", "sub/c.png"]
+    assert [str(p.relative_to(root)) for p in list_files(root, cache)] == ["a.JPG", "b.png", "x.npy", "sub/c.png"]
     (root / "c.tif").touch()
-    assert [p.name for p in list_files(root, cache)] == ["a.JPG", "b.png", "c.tif", "x.npy"]
+    assert [p.name for p in list_files(root, cache)] == ["a.JPG", "b.png", "c.tif", "x.npy", "c.png"]

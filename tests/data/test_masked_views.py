@@ -49,3 +49,27 @@ def test_a_batch_is_the_same_with_0_and_2_loader_workers():
     masks = torch.cat([b[1] for b in alone]).flatten(1)  # (8, 4): 1 visible of 4 patches each
     assert (masks.sum(1) == 3).all()
     assert len({tuple(m.tolist()) for m in masks}) > 1  # not one mask for every sample
+
+
+def test_views_travel_as_bytes_and_normalize_on_the_device_to_the_old_numbers():
+    """A batch leaves the loader uint8 (a quarter of float32's bytes) and PretrainData's
+    on_after_batch_transfer normalizes it to what the loader made per view before (float32
+    (x / 255 - mean) / std in the worker): equal within 1e-6."""
+    from torch.utils.data import default_collate
+
+    from fcmae.data.transforms import ToFloat
+    from fcmae.data.views import MaskedView, MaskedViews
+    data = PretrainData("demo", input_size=64, mask_ratio=0.6, batch_size=4, seed=3)
+    data.trainer = SimpleNamespace(world_size=1, global_rank=0, global_step=0, current_epoch=0,
+                                   accumulate_grad_batches=1)
+    loader = data.train_dataloader()
+    views, masks, skipped = next(iter(loader))
+    assert views.dtype == torch.uint8
+    normalized = data.on_after_batch_transfer(MaskedView(views, masks, skipped), 0).view
+    assert normalized.dtype == torch.float32
+    # the loader as it was: each view normalized in the worker, the same keys and seeds
+    old = MaskedViews(data.dataset.source, torch.nn.Sequential(data.dataset.transform, ToFloat(data.norm)), 64, 0.6,
+                      seed=3)
+    before = default_collate([old[k] for k in list(loader.sampler)[:4]])
+    assert torch.equal(masks, before[1])
+    assert (normalized - before[0]).abs().max() <= 1e-6 and before[0].abs().max() > 1  # normalized, not in [0, 1]

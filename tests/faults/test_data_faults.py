@@ -132,11 +132,11 @@ def test_image_modes_convert_to_the_right_rgb_values(tmp_path):
 
 def test_an_image_smaller_than_the_crop_is_upsampled(tmp_path):
     tiny, thin = Image.new("RGB", (8, 8), (200, 30, 30)), Image.new("RGB", (3, 50), (200, 30, 30))
-    transform = pretrain_transform(64, None)
+    transform = pretrain_transform(64)
     for img in (tiny, thin):
         view = transform(img)
         assert view.shape == (3, 64, 64)
-        assert torch.allclose(view[:, 20:40, 20:40], torch.tensor([200, 30, 30]).view(3, 1, 1) / 255, atol=0.02)
+        assert (view[:, 20:40, 20:40].int() - torch.tensor([200, 30, 30]).view(3, 1, 1)).abs().max() <= 5
     for transform in (transforms.train_transform(64, aa=None, reprob=0), transforms.eval_transform(64)):
         for img in (tiny, thin):
             assert transform(img).shape == (3, 64, 64)

@@ -133,7 +133,8 @@ def test_data_layouts_and_channels(tmp_path):
     assert len(PretrainData(str(imagenet), 64).dataset) == 6
     flat = PretrainData(str(image_folder(tmp_path / "flat", 4)), 64, mask_ratio=0.75)
     view, mask = flat.dataset[1]
-    assert view.shape == (3, 64, 64) and view.dtype == torch.float32
+    assert view.shape == (3, 64, 64) and view.dtype == torch.uint8  # to the device as bytes
+    assert flat.to_float(view).dtype == torch.float32
     assert mask.shape == (2, 2) and mask.sum() == 3  # 4 patches, int(4 * 0.25) = 1 visible
     gray = PretrainData(str(image_folder(tmp_path / "gray", 2, mode="L")), 64, in_chans=1)
     assert gray.dataset[0][0].shape == (1, 64, 64)
@@ -141,6 +142,8 @@ def test_data_layouts_and_channels(tmp_path):
     np.save(tmp_path / "bands" / "a.npy", np.full((5, 40, 40), 255, np.uint8))  # uint8 -> [0, 1]
     bands = PretrainData(str(tmp_path / "bands"), 64, in_chans=5)
     assert bands.dataset[0][0].shape == (5, 64, 64) and torch.allclose(bands.dataset[0][0], torch.ones(1))
+    assert bands.dataset[0][0].dtype == torch.float32 and torch.equal(bands.to_float(bands.dataset[0][0]),
+                                                                       bands.dataset[0][0])  # arrays: as stored
     demo = PretrainData("demo", 64)
     a, b = demo.dataset[7], demo.dataset[7]
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])  # a pure function of (seed, key)
@@ -168,7 +171,7 @@ def test_weight_decay_groups_and_schedule():
     for name, p in module.named_parameters():
         excluded = name.endswith((".bias", "grn.gamma", "grn.beta")) or p.ndim == 1
         assert (id(p) in decay) != excluded, name
-    assert opt.param_groups[0]["betas"] == (0.9, 0.95)
+    assert opt.param_groups[0]["betas"] == (0.9, 0.95) and opt.defaults["fused"]  # fcmae.optim.adamw on CPU
     assert [warmup_cosine(s, 10, 110) for s in (0, 5, 10, 60, 110, 200)] == pytest.approx([0, 0.5, 1, 0.5, 0, 0])
 
 
@@ -220,6 +223,25 @@ def test_run_directory_and_falling_loss(tmp_path):
     assert yaml.safe_load((out / "config.yaml").read_text())["total_steps"] == 128 * DEMO["epochs"]
 
 
+@pytest.mark.parametrize("backend", ["dense", "sparse"])
+def test_channels_last_trains_and_exports(tmp_path, monkeypatch, backend):
+    from lightning.pytorch.callbacks import Callback
+
+    from fcmae.training.pretrain import PretrainTask
+
+    class Formats(Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            self.seen = {name: p.is_contiguous(memory_format=torch.channels_last)
+                         for name, p in pl_module.named_parameters() if p.ndim == 4}
+    formats, callbacks = Formats(), PretrainTask.callbacks
+    monkeypatch.setattr(PretrainTask, "callbacks", lambda self, *a: [*callbacks(self, *a), formats])
+    trainer, module = fit(parse(*TINY, "--backend", backend, "--channels-last", "--max-steps", "2", "--export",
+                                "--output", str(tmp_path)))
+    assert formats.seen and all(formats.seen.values())  # every convolution weight, while training
+    assert trainer.global_step == 2 and all(torch.isfinite(p).all() for p in module.parameters())
+    assert (tmp_path / "encoder.safetensors").is_file()
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("extra, stops", [([], [3, 3, 6]), (["--accumulate", "2"], [2, 3, 5])],
                          ids=["mid-epoch", "epoch-end"])
@@ -258,6 +280,6 @@ def test_reconstruction_preview_is_spread_over_the_classes(tmp_path):
     views, masks = data.preview(8)
     again, masks_again = data.preview(8)  # fixed across the run: grids stay comparable over time
     assert torch.equal(views, again) and torch.equal(masks, masks_again)
-    assert torch.equal(views[1], data.dataset[keys[1]][0])
+    assert torch.equal(views[1], data.to_float(data.dataset[keys[1]][0]))  # normalized as training batches are
     small = PretrainData(str(tmp_path / "class0"), input_size=64, batch_size=4, workers=0)
     assert small.preview_keys(8) == [0, 1, 2, 3, 4]  # fewer samples than the grid: all of them

@@ -7,7 +7,7 @@ from fcmae.errors import UserError
 from fcmae.training.flags import with_recipe
 from fcmae.training.trainer import world_size
 
-SHARED = ("accelerator", "devices", "num_nodes", "precision", "workers", "output", "resume", "no_resume",
+SHARED = ("accelerator", "devices", "num_nodes", "precision", "workers", "channels_last", "output", "resume", "no_resume",
           "trust_checkpoint", "log_every", "dry_run", "batch_size", "epochs", "max_steps", "blr", "lr", "min_lr",
           "warmup_epochs", "weight_decay", "seed")
 
@@ -66,3 +66,13 @@ def test_training_commands_cache_their_file_listings(tmp_path, one_thread):
         "--workers", "0", "--accelerator", "cpu", "--devices", "1", "--precision", "32", "--max-steps", "1",
         "--output", str(tmp_path / "ft")]))
     assert len(set(default_cache().glob("*.npz")) - before - cached) == 2  # train/ and val/
+
+
+def test_the_trainer_tunes_cudnn_for_fixed_shapes(tmp_path, monkeypatch):
+    import torch
+
+    from fcmae.training.trainer import make_trainer
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
+    make_trainer(pretrain_parser().parse_args(["--accelerator", "cpu", "--devices", "1"]), tmp_path, [], epochs=1,
+                 accumulate=1)
+    assert torch.backends.cudnn.benchmark
