@@ -16,6 +16,7 @@ import warnings
 from dataclasses import asdict
 from pathlib import Path
 
+import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_only
 
@@ -340,6 +341,13 @@ class FinalValidation(Callback):
             trainer.should_stop = True
 
 
+def sync_batchnorm(cfg, resolved):
+    """UperNet's BatchNorm over the images of all ranks (the recipe's SyncBN) under DDP on GPUs;
+    torch's SyncBatchNorm has no CPU kernel, so CPU ranks normalize over their own batch."""
+    on_gpu = cfg.accelerator in ("gpu", "cuda") or (cfg.accelerator == "auto" and torch.cuda.is_available())
+    return resolved["world_size"] > 1 and on_gpu
+
+
 def write_segmenter_of(module, path, **extra):
     """The module's segmenter with its file metadata (the module's hyper_parameters) and `extra`."""
     hp = module.hparams
@@ -388,7 +396,7 @@ class SegmentTask(Task):
         # Validation every eval_every optimizer steps, counted over the whole run (not per epoch).
         return dict(max_steps=resolved["total_steps"], check_val_every_n_epoch=None, num_sanity_val_steps=0,
                     val_check_interval=resolved["eval_every"] * resolved["accumulate"],
-                    gradient_clip_val=self.cfg.clip_grad, sync_batchnorm=resolved["world_size"] > 1, **no_val)
+                    gradient_clip_val=self.cfg.clip_grad, sync_batchnorm=sync_batchnorm(self.cfg, resolved), **no_val)
 
     def module(self, resolved, data):
         cfg = self.cfg
