@@ -37,7 +37,7 @@ from fcmae.segment.report import per_class_table as segmentation_table
 from fcmae.segment.transforms import EvalTransform
 from fcmae.segmenter import build_segmenter
 from fcmae.training.flags import add_hardware_flags
-from fcmae.training.trainer import hardware_trainer
+from fcmae.training.trainer import auto_workers, hardware_trainer
 
 
 def build_parser():
@@ -73,6 +73,9 @@ def evaluate(cfg):
     """Returns {"top1", "top5", "loss", "images"} for a classifier, `evaluate_segmenter`'s for a segmenter."""
     if not cfg.checkpoint or not cfg.data:
         raise UserError("fcmae eval needs --checkpoint FILE and --data DIR")
+    if cfg.workers == "auto":  # as training chooses them for this machine
+        cfg = cfg.clone()
+        cfg.workers = auto_workers(cfg)
     weights = read_weights(cfg.checkpoint, cfg.ema, cfg.trust_checkpoint)
     if weights.segmentation:
         return evaluate_segmenter(cfg)
