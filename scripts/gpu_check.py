@@ -93,7 +93,10 @@ def segment(cuda, quick, tmp):
     run = subprocess.run([sys.executable, "-m", "fcmae.cli", *args], capture_output=True, text=True)
     if run.returncode != 0:
         raise RuntimeError(f"exit {run.returncode}: {run.stderr.strip()[-1500:]}")
-    return {"args": args, "train_seconds": time.perf_counter() - start}
+    if not (tmp / "segment" / "segmenter.safetensors").is_file():
+        raise RuntimeError("the run ended without writing segmenter.safetensors")
+    progress = [line for line in run.stdout.splitlines() if line.startswith("step ")]
+    return {"args": args, "train_seconds": time.perf_counter() - start, "last_progress": progress[-1:]}
 
 
 def segmentation_data(root, n=16, size=64):
