@@ -87,7 +87,8 @@ def segment(cuda, quick, tmp):
     data = segmentation_data(tmp / "seg")
     device = [] if cuda else ["--accelerator", "cpu"]
     args = ["segment", "--data", str(data), "--model", "atto", "--input-size", "64", "--batch-size", "4",
-            "--max-steps", "5" if quick else "20", "--val-split", "0", "--precision", "bf16-mixed", "--workers", "2",
+            "--max-steps", "5" if quick else "20", "--log-every", "5", "--val-split", "0", "--precision", "bf16-mixed",
+            "--workers", "2",
             "--devices", "1", "--no-resume", "--output", str(tmp / "segment"), *device]
     start = time.perf_counter()
     run = subprocess.run([sys.executable, "-m", "fcmae.cli", *args], capture_output=True, text=True)

@@ -9,7 +9,8 @@
 A pre-training checkpoint gives the encoder only (downsample_layers.*, stages.*), dense-converted;
 a fine-tuning checkpoint gives the whole classifier, norm.* and head.* included, and its class
 names; a segmentation checkpoint the whole segmenter (the encoder in the public dense layout, then
-UperNet and its heads) with its classes, palette, input size, scale, normalization and in_chans. The release's own checkpoints (MinkowskiEngine layout) convert too. `.safetensors`
+UperNet and its heads) with its classes, palette, input size, scale, normalization and in_chans.
+The release's own checkpoints (MinkowskiEngine layout) convert too. `.safetensors`
 (default) carries metadata: model size, in_chans, input size, steps and the run's configuration
 (values JSON-encoded); `.pth` holds {"model": weights, "meta": metadata}, like the release's
 files. timm's `convnextv2_<size>` loads either through its checkpoint filter. Reading and
