@@ -160,6 +160,17 @@ class ConvNeXtV2(nn.Module):
             x = stage(downsample(x))
         return x
 
+    def forward_stages(self, x):
+        """(N, in_chans, H, W) -> the four stage outputs, finest first, as dense heads take them
+        (UperNet, FPN, detection necks): [(N, C0, H/4, W/4), (N, C1, H/8, W/8), (N, C2, H/16, W/16),
+        (N, C3, H/32, W/32)], C = dims, un-normalized (the last is `forward_features`)."""
+        check_input(x, self.in_chans)
+        stages = []
+        for downsample, stage in zip(self.downsample_layers, self.stages):
+            x = stage(downsample(x))
+            stages.append(x)
+        return stages
+
     def forward_head(self, x, pre_logits=False):
         x = self.norm(x.mean(dim=(-2, -1)))  # global average pool -> (N, C_last)
         return x if pre_logits else self.head(x)

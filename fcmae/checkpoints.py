@@ -39,6 +39,7 @@ from fcmae.rundir import RunDir, checkpoint_in, run_dir_of
 SAFE_GLOBALS = [argparse.Namespace]  # see the module docstring for why exactly these
 
 ENCODER_KEYS = ("downsample_layers.", "stages.")
+SEGMENTATION = "segmentation"  # the `task` of a segmentation file's metadata and its checkpoint's hyper_parameters
 DENSE_KEYS = ENCODER_KEYS + ("norm.", "head.")
 LAYOUT = "convnextv2-dense"  # the `layout` metadata of our exports
 
@@ -48,6 +49,8 @@ KINDS = {
     "finetune-checkpoint": "fcmae fine-tuning checkpoint",
     "encoder": "fcmae encoder export",
     "classifier": "fcmae classifier export",
+    "segment-checkpoint": "fcmae segmentation checkpoint",
+    "segmenter": "fcmae segmenter export",
     "release-pretrain": "release pre-training checkpoint (MinkowskiEngine layout)",
     "release-finetune": "release dense checkpoint",
     "dense": "dense weights (public or timm layout)",
@@ -126,6 +129,11 @@ class Weights:
     has_ema: bool
 
     @property
+    def segmentation(self):
+        """Whether the file holds a segmenter (read the whole of it with `read_segmenter`)."""
+        return self.kind in ("segment-checkpoint", "segmenter")
+
+    @property
     def encoder(self):
         return {k: v for k, v in self.state.items() if k.startswith(ENCODER_KEYS)}
 
@@ -146,10 +154,12 @@ class Weights:
 
 
 def read_weights(path_or_run_dir, ema=False, trust=False):
-    """Any weights we accept -> Weights: our pre-training and fine-tuning last.ckpt, our exports
-    (.safetensors, .pth), the release's MinkowskiEngine-layout pre-training checkpoints and dense
-    checkpoints (with or without model_ema), timm-layout dense weights. A run directory means
-    its checkpoints/last.ckpt. ema=True takes the EMA weights (fine-tuning and release files)."""
+    """Any weights we accept -> Weights: our pre-training, fine-tuning and segmentation last.ckpt,
+    our exports (.safetensors, .pth), the release's MinkowskiEngine-layout pre-training checkpoints
+    and dense checkpoints (with or without model_ema), timm-layout dense weights. A run directory
+    means its checkpoints/last.ckpt. ema=True takes the EMA weights (fine-tuning and release
+    files). A segmentation file reads as its encoder (no head; `kind` and `segmentation` say what
+    it is; `read_segmenter` reads the whole segmenter)."""
     path = checkpoint_in(path_or_run_dir)
     obj = load(path, trust)
     meta = safetensors_metadata(path) if path.suffix == ".safetensors" else {}
@@ -157,10 +167,11 @@ def read_weights(path_or_run_dir, ema=False, trust=False):
     no_ema = f"`ema`: {path} holds no EMA weights: drop `ema`"
     has_ema, classes = False, None
     if state_dict is not None and any(k.startswith("model.encoder.") for k in state_dict):
-        kind, state = "pretrain-checkpoint", to_dense_encoder(state_dict)
+        segmentation = (obj.get("hyper_parameters") or {}).get("task") == SEGMENTATION
+        kind, state = "segment-checkpoint" if segmentation else "pretrain-checkpoint", to_dense_encoder(state_dict)
         if ema:
-            raise SettingError(f"`ema`: {path} is a pre-training checkpoint, which holds no EMA weights: "
-                               f"drop `ema`")
+            raise SettingError(f"`ema`: {path} is a {KINDS[kind].removeprefix('fcmae ')}, which holds no EMA "
+                               f"weights: drop `ema`")
     elif state_dict is not None and any(k.startswith(("model.stages.", "model_ema.module.stages.")) for k in state_dict):
         kind = "finetune-checkpoint"
         has_ema = any(k.startswith("model_ema.module.") for k in state_dict)
@@ -177,7 +188,8 @@ def read_weights(path_or_run_dir, ema=False, trust=False):
         source = obj["model_ema"] if ema else obj
         state = to_dense_encoder(source)
         if meta.get("layout") == LAYOUT:
-            kind = "classifier" if "head.weight" in state else "encoder"
+            kind = "segmenter" if meta.get("task") == SEGMENTATION else "classifier" if "head.weight" in state \
+                else "encoder"
         elif is_minkowski_layout(unwrap(obj)):
             kind = "release-pretrain"
         elif isinstance(obj.get("args"), argparse.Namespace) or (isinstance(obj.get("model"), dict)
@@ -189,7 +201,7 @@ def read_weights(path_or_run_dir, ema=False, trust=False):
     if "downsample_layers.0.0.weight" not in state or not any(k.startswith("stages.") for k in state):
         raise SettingError(f"no ConvNeXt V2 weights found in {path}: pass an fcmae pre-training or fine-tuning "
                            f"checkpoint, an fcmae export, or a release checkpoint")
-    if kind in ("pretrain-checkpoint", "finetune-checkpoint"):
+    if kind in ("pretrain-checkpoint", "finetune-checkpoint", "segment-checkpoint"):
         hparams = dict(obj.get("hyper_parameters") or {})
         config = hparams.get("config") or {k: v for k, v in hparams.items() if k != "config"}
         meta = {**hparams, "input_size": hparams.get("input_size", config.get("input_size")),
@@ -261,6 +273,29 @@ def architecture(state):
     return model, state["downsample_layers.0.0.weight"].shape[1], num_classes
 
 
+def shape_text(t):
+    """A tensor's shape as people write it: (8, 3, 4, 4)."""
+    return "(" + ", ".join(map(str, t.shape)) + ")"
+
+
+def misfit(own, state, optional=("norm.", "head.")):
+    """The one rule for weights going into a model: why `state` does not fit the model state
+    `own` tensor for tensor, as (fact, "shape" | "keys"), or None when it fits. "shape": a tensor
+    of another shape (another size or in_chans), the first in the model's order (the stem's
+    weight first); "keys": a tensor one side lacks (another size). Model tensors under
+    `optional` may be absent from the file (a classifier's norm and head, by default)."""
+    for k in own:
+        if k in state and state[k].shape != own[k].shape:
+            return f"{k} is {shape_text(state[k])} in the file but {shape_text(own[k])} in the model", "shape"
+    unexpected = sorted(k for k in state if k not in own)
+    missing = sorted(k for k in own if k not in state and not k.startswith(optional))
+    if unexpected or missing:
+        k = (unexpected or missing)[0]
+        where = "in the file but not in the model" if unexpected else "in the model but not in the file"
+        return f"{k} is {where} ({len(unexpected)} unexpected, {len(missing)} missing trunk tensors)", "keys"
+    return None
+
+
 def describe(path, trust=False):
     """One line about a weights file: kind, size, in_chans, classes, steps."""
     return read_weights(path, trust=trust).summary()
@@ -303,10 +338,15 @@ def export_weights(source, output=None, ema=False, trust=False):
     """Checkpoint (or run directory) -> dense weights file in the public layout, with metadata
     (kind, input size, crop, steps, epoch, the run's configuration, class names); returns its
     path. Default `output`: <run dir>/encoder.safetensors, or classifier.safetensors for a
-    fine-tuning checkpoint."""
+    fine-tuning checkpoint. A segmentation checkpoint gives the whole segmenter
+    (`write_segmenter`; default <run dir>/segmenter.safetensors)."""
     if output is not None and Path(output).suffix not in (".safetensors", ".pth", ".pt"):
         raise SettingError(f"`output` {output}: unknown format '{Path(output).suffix}': use .safetensors or .pth")
     weights = read_weights(source, ema, trust)
+    if weights.segmentation:
+        state, meta = read_segmenter(weights.path, trust)
+        kept = {k: meta.get(k) for k in (*SEGMENTER_KEYS, "steps", "epoch", "config")}
+        return write_segmenter(output or RunDir(run_dir_of(weights.path)).export("segmenter"), state, kept)
     kind = "classifier" if weights.num_classes else "encoder"
     if output is None:
         output = RunDir(run_dir_of(weights.path)).export(kind)
@@ -317,3 +357,61 @@ def export_weights(source, output=None, ema=False, trust=False):
         meta["classes"] = weights.classes
     save_weights(output, weights.state, meta)
     return Path(output)
+
+
+# ----------------------------------------------------------------------------- segmentation files
+
+SEGMENTER_KEYS = ("task", "num_classes", "classes", "palette", "input_size", "scale", "normalization",
+                  "reduce_zero_label", "head")  # segmenter_meta's
+
+
+def segmenter_meta(model, classes, palette, input_size, scale, norm, reduce_zero_label=False):
+    """The metadata of every segmentation file (`model`: the UperNetSegmenter; the list is in
+    `write_segmenter`'s doc). A segmentation Lightning checkpoint keeps them in its
+    hyper_parameters, so `read_segmenter` reads both."""
+    return {"task": SEGMENTATION, "num_classes": model.num_classes, "classes": list(classes),
+            "palette": [list(map(int, c)) for c in palette], "input_size": input_size, "scale": list(scale),
+            "normalization": None if norm is None else {"mean": list(norm[0]), "std": list(norm[1])},
+            "reduce_zero_label": bool(reduce_zero_label),
+            "head": {"name": "upernet", "channels": model.channels, "aux_channels": model.aux_channels}}
+
+
+def write_segmenter(path, model_state, meta, **extra):
+    """The whole segmenter in one weights file (.safetensors, or .pth), through `save_weights`.
+
+    Tensors: the encoder in the public dense layout (`downsample_layers.*`, `stages.*`, as an
+    encoder export holds it, so the file serves as pre-trained weights anywhere), then the head
+    under the segmenter's module names: `decoder.*` (UperNet), `classifier.*`, `aux_head.*`.
+    `model_state`: the UperNetSegmenter's state dict (encoder.*, decoder.*, ...).
+
+    Metadata (JSON values): what save_weights records (layout, model, depths, dims, in_chans),
+    `segmenter_meta`'s (task "segmentation", num_classes, classes in label order, palette
+    [[r, g, b], ...], input_size (the training crop), scale ([long, short], the evaluation
+    scale), normalization ({"mean", "std"} of uint8 images, or null: arrays as stored),
+    reduce_zero_label, head ({"name": "upernet", "channels", "aux_channels"})), kind
+    "segmenter", and `extra` (steps, scores). Returns the path."""
+    state = {k.removeprefix("encoder."): v for k, v in model_state.items()}
+    save_weights(path, state, {**meta, "kind": "segmenter", **extra})
+    return Path(path)
+
+
+def read_segmenter(path, trust=False):
+    """(segmenter state dict (encoder.*, decoder.*, ...), metadata) of a segmentation export or
+    a segmentation Lightning checkpoint (its `model.*` and hyper_parameters; a run directory
+    means its last.ckpt). Anything else is a SettingError saying what the file is not."""
+    path = checkpoint_in(path)
+    obj = load(path, trust)
+    if isinstance(obj.get("state_dict"), dict):  # a Lightning checkpoint of the segmentation module
+        state = {k[len("model."):]: v for k, v in obj["state_dict"].items() if k.startswith("model.")}
+        meta = {**(obj.get("hyper_parameters") or {}), "steps": obj.get("global_step"), "epoch": obj.get("epoch")}
+    else:
+        if path.suffix == ".safetensors":
+            tensors, meta = obj, safetensors_metadata(path)
+        else:  # .pth: {"model": tensors, "meta": JSON strings}
+            tensors = obj.get("model") or {}
+            meta = {k: parse_value(v) if isinstance(v, str) else v for k, v in (obj.get("meta") or {}).items()}
+        state = {("encoder." + k if k.startswith(ENCODER_KEYS) else k): v for k, v in tensors.items()}
+    if meta.get("task") != SEGMENTATION or not any(k.startswith("decoder.") for k in state):
+        raise SettingError(f"{path} holds no segmenter (no {SEGMENTATION} head): pass a segmentation export "
+                           f"(segmenter*.safetensors) or a segmentation checkpoint")
+    return state, meta

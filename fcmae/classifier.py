@@ -14,7 +14,6 @@ as stored, not normalized). An input that cannot be read gets a `Prediction` wit
 import math
 import os
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Optional
 
 import torch
@@ -22,8 +21,8 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from fcmae.checkpoints import read_weights
-from fcmae.data.reading import ARRAY_EXTENSIONS, BadFile, convert_image, load_image, read_array
-from fcmae.data.transforms import STATS, eval_transform
+from fcmae.data.reading import BadFile, read_input
+from fcmae.data.transforms import eval_transform
 from fcmae.encoders import ConvNeXtV2
 from fcmae.errors import UserError
 
@@ -54,26 +53,9 @@ class Inputs(Dataset):
 
     def __getitem__(self, i):
         try:
-            return self.transform(self.read(self.items[i])).float(), ""
+            return self.transform(read_input(self.items[i], self.in_chans, "classifier")).float(), ""
         except BadFile as e:
             return torch.zeros(self.in_chans, self.size, self.size), str(e)
-
-    def read(self, item):
-        if isinstance(item, torch.Tensor):  # as a .npy array: uint8 -> [0, 1], float as given
-            if item.ndim != 3 or item.shape[0] != self.in_chans:
-                raise BadFile(f"tensor of shape {tuple(item.shape)} (expected ({self.in_chans}, H, W))")
-            return item.float() / 255 if item.dtype == torch.uint8 else item.float()
-        if isinstance(item, Image.Image):
-            item.load()
-            if self.in_chans not in STATS:
-                raise BadFile(f"a PIL image, but the classifier takes {self.in_chans}-channel arrays")
-            return convert_image(item, "RGB" if self.in_chans == 3 else "L")  # as image files are
-        path = Path(item)
-        if path.suffix.lower() in ARRAY_EXTENSIONS:
-            return read_array(path, self.in_chans)
-        if self.in_chans not in STATS:
-            raise BadFile(f"{path} (an image, but the classifier takes {self.in_chans}-channel .npy arrays)")
-        return load_image(path, "RGB" if self.in_chans == 3 else "L")
 
 
 class Classifier:

@@ -18,15 +18,16 @@ from fcmae.training.flags import with_recipe
 COMMANDS = {
     "pretrain": ("fcmae.commands.pretrain", "FCMAE self-supervised pre-training"),
     "finetune": ("fcmae.commands.finetune", "fine-tune (or linear-probe) a classifier"),
-    "eval": ("fcmae.commands.eval", "evaluate a classifier checkpoint"),
-    "predict": ("fcmae.commands.predict", "predict the classes of images with a classifier (CSV)"),
+    "segment": ("fcmae.commands.segment", "train a UperNet segmenter (semantic segmentation)"),
+    "eval": ("fcmae.commands.eval", "evaluate a classifier or segmenter checkpoint"),
+    "predict": ("fcmae.commands.predict", "predict with a classifier (CSV) or a segmenter (label maps)"),
     "export": ("fcmae.commands.export", "export weights in the public dense layout"),
     "bench": ("fcmae.commands.bench", "benchmark a pre-training step of each backend"),
     "shard": ("fcmae.commands.shard", "write a data folder as WebDataset shards"),
     "knn": ("fcmae.commands.knn", "weighted kNN accuracy of an encoder's frozen features"),
     "analyze": ("fcmae.commands.analyze", "feature collapse: the paper's per-layer feature cosine distance"),
 }
-RECIPE_COMMANDS = ("pretrain", "finetune")  # have per-size recipe files in configs/<command>/ (training.flags)
+RECIPE_COMMANDS = ("pretrain", "finetune", "segment")  # have per-size recipe files in configs/<command>/ (training.flags)
 
 
 def option_error(message, command):
@@ -58,8 +59,8 @@ def main(argv=None):
     try:
         # exit_on_error=False (subcommands included): a bad option is one line below, not a usage
         # block and a multi-line message.
-        parser = ArgumentParser(prog="fcmae", description="FCMAE pre-training and fine-tuning of ConvNeXt V2",
-                                exit_on_error=False)
+        parser = ArgumentParser(prog="fcmae", exit_on_error=False,
+                                description="FCMAE pre-training, fine-tuning and segmentation of ConvNeXt V2")
         subcommands = parser.add_subcommands(dest="command")
         modules, parsers = {}, {}
         for name, (module_name, help_text) in COMMANDS.items():

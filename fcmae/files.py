@@ -69,3 +69,10 @@ def save_figure(fig, path, dpi=120):
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=dpi, bbox_inches="tight")
     return write_atomic(path, buf.getvalue())
+
+
+def save_image(img, path):
+    """A PIL image as a PNG at `path`, atomically; returns the path."""
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return write_atomic(path, buf.getvalue())

@@ -7,9 +7,8 @@ import lightning as L
 import torch
 from lightning.pytorch.strategies import FSDPStrategy
 
-from fcmae.errors import NonFiniteLoss
 from fcmae.model import FCMAE
-from fcmae.optim import StepSchedule, adamw, no_weight_decay, param_groups
+from fcmae.optim import StepSchedule, StopUnlessFinite, adamw, no_weight_decay, param_groups
 from fcmae.training.callbacks import writes_logs
 
 
@@ -40,7 +39,7 @@ class PretrainSettings:
         return cls(**{**values, "drop_path_rate": resolved["drop_path"], "betas": tuple(resolved["betas"])})
 
 
-class PretrainModule(StepSchedule, L.LightningModule):
+class PretrainModule(StepSchedule, StopUnlessFinite, L.LightningModule):
     def __init__(self, *, config=None, **settings):
         """`settings`: PretrainSettings' fields by keyword (so a checkpoint's hyper_parameters
         rebuild the module: `PretrainModule(**hparams)`). `config`: the run's resolved
@@ -78,22 +77,6 @@ class PretrainModule(StepSchedule, L.LightningModule):
             self.stop_unless_finite(norm, "gradient norm", agreed=True)
         if writes_logs(self.trainer):
             self.log("train/grad_norm", norm)
-
-    def stop_unless_finite(self, value, what, agreed):
-        """Raise NonFiniteLoss if `value` is NaN/inf on any rank, so that all ranks stop together
-        (none is left waiting in a collective). `agreed`: every rank holds the same value (the
-        gradient norm: DDP's gradients are all-reduced, FSDP's norm is), so the check needs no
-        collective; else the ranks agree through one. One device sync either way. It is raised
-        before this step's optimizer update and before any checkpoint of it, so the last
-        checkpoint keeps the last good state."""
-        finite = bool(torch.isfinite(value).all())
-        if not agreed:
-            finite = self.trainer.strategy.reduce_boolean_decision(finite, all=True)
-        if not finite:
-            if what == "gradient norm" and not torch.isfinite(self.last_loss):
-                what, value = "loss", self.last_loss  # where it started, on this rank
-            # global_step counts finished optimizer steps
-            raise NonFiniteLoss(what, value.item(), self.trainer.global_step + 1, self.hparams.lr)
 
     def make_optimizer(self):
         hp = self.hparams

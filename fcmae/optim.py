@@ -1,10 +1,15 @@
 """What every training command optimizes with: one rule for AdamW's parameter groups (weight decay,
-optional layer-wise lr scales), one AdamW implementation per device (`adamw`) and one lr schedule per optimizer step (linear warmup from 0, then a
-cosine to min_lr: timm's CosineLRScheduler), with the LightningModule hooks that drive it."""
+optional layer-wise lr scales), one AdamW implementation per device (`adamw`) and the lr schedules
+per optimizer step, both linear warmups from 0: then a cosine to min_lr (pre-training,
+fine-tuning: timm's CosineLRScheduler) or a polynomial decay (segmentation: timm's
+PolyLRScheduler), with the LightningModule hooks that drive them, and the one rule for a
+non-finite loss (`StopUnlessFinite`)."""
 import math
 
 import torch
-from timm.scheduler import CosineLRScheduler
+from timm.scheduler import CosineLRScheduler, PolyLRScheduler
+
+from fcmae.errors import NonFiniteLoss
 
 # GRN's gamma/beta are (1, 1, 1, C) in the public layout, so the 1-D rule alone would miss them.
 NO_DECAY_SUFFIXES = (".bias", "grn.gamma", "grn.beta")
@@ -61,8 +66,19 @@ def cosine_schedule(optimizer, total_steps, warmup_steps, min_lr):
     return scheduler
 
 
+def poly_schedule(optimizer, total_steps, warmup_steps, power=1.0, min_lr=0.0):
+    """The lr at optimizer step t (`step_update(t)`): lr * t / warmup_steps during the warmup,
+    then min_lr + (lr - min_lr) * (1 - t / total_steps) ** power, t counted from step 0 as
+    mmcv's poly counts it (the warmup is not a prefix), min_lr from `total_steps` on; times each
+    group's lr_scale. Sets the lr of step 0."""
+    scheduler = PolyLRScheduler(optimizer, t_initial=max(1, total_steps), power=power, lr_min=min_lr,
+                                warmup_t=warmup_steps, warmup_lr_init=0.0, warmup_prefix=False, t_in_epochs=False)
+    scheduler.step_update(num_updates=0)
+    return scheduler
+
+
 class StepSchedule:
-    """LightningModule hooks for `cosine_schedule`, stepped once per optimizer step.
+    """LightningModule hooks for `cosine_schedule` and `poly_schedule`, stepped once per optimizer step.
 
     The schedule is a function of the step and of this run's values (lr, epochs, warmup), so on
     resume it is rebuilt from them rather than restored: a rerun with another --lr (e.g. lower,
@@ -73,6 +89,11 @@ class StepSchedule:
         _, total, warmup = schedule_steps(self.batches_per_epoch(), self.trainer.accumulate_grad_batches,
                                           self.trainer.max_epochs, warmup_epochs)
         return {"scheduler": cosine_schedule(optimizer, total, warmup, min_lr), "interval": "step"}
+
+    def poly_lr_schedule(self, optimizer, total_steps, warmup_steps, power=1.0, min_lr=0.0):
+        """The scheduler config for configure_optimizers, its length given in optimizer steps
+        (segmentation's recipe counts iterations, not epochs)."""
+        return {"scheduler": poly_schedule(optimizer, total_steps, warmup_steps, power, min_lr), "interval": "step"}
 
     def batches_per_epoch(self):
         """Training batches per epoch on each rank. Asked of the datamodule when it can tell
@@ -93,3 +114,26 @@ class StepSchedule:
     def on_train_start(self):
         # A resumed optimizer state carries the lr of the run that saved it: this run's lr at this step.
         self.lr_schedulers().step_update(num_updates=self.global_step)
+
+
+class StopUnlessFinite:
+    """LightningModule mixin: the one rule every training module stops by when its loss (or
+    gradient norm) is NaN/inf (needs `hparams.lr`, which the error suggests lowering, and
+    `last_loss`, the step's loss kept on the device, to name where it started)."""
+
+    def stop_unless_finite(self, value, what, agreed):
+        """Raise NonFiniteLoss if `value` is NaN/inf on any rank, so that all ranks stop together
+        (none is left waiting in a collective). `agreed`: every rank holds the same value (the
+        gradient norm: DDP's gradients are all-reduced, FSDP's norm is), so the check needs no
+        collective; else the ranks agree through one. One device sync either way. It is raised
+        before this step's optimizer update and before any checkpoint of it, so the last
+        checkpoint keeps the last good state."""
+        finite = bool(torch.isfinite(value).all())
+        if not agreed:
+            finite = self.trainer.strategy.reduce_boolean_decision(finite, all=True)
+        if not finite:
+            last_loss = getattr(self, "last_loss", None)
+            if what == "gradient norm" and last_loss is not None and not torch.isfinite(last_loss):
+                what, value = "loss", last_loss  # where it started, on this rank
+            # global_step counts finished optimizer steps
+            raise NonFiniteLoss(what, value.item(), self.trainer.global_step + 1, self.hparams.lr)

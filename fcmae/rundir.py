@@ -11,7 +11,10 @@
     OUTPUT/checkpoints/best.ckpt        fine-tuning's best validation weights
     OUTPUT/encoder.safetensors          pre-training's export
     OUTPUT/classifier.safetensors       fine-tuning's last weights; classifier_ema / classifier_best
-    OUTPUT/confusion.png, curves.png    fine-tuning's report
+    OUTPUT/confusion.png, curves.png    fine-tuning's report (curves.png: segmentation's too)
+    OUTPUT/segmenter.safetensors        segmentation's last weights; segmenter_best (best val mIoU)
+    OUTPUT/predictions.png              segmentation's image | truth | prediction of val images
+    OUTPUT/per_class.txt                segmentation's per-class IoU / accuracy of the best weights
 """
 import json
 from pathlib import Path
@@ -31,9 +34,11 @@ CHECKPOINTS = "checkpoints"
 LAST = "last.ckpt"
 BEST = "best.ckpt"
 PERIODIC = "step{step:07d}"  # Lightning's ModelCheckpoint filename: it adds .ckpt
-EXPORT = "{kind}.safetensors"  # kind: encoder or classifier (or classifier_ema, classifier_best)
+EXPORT = "{kind}.safetensors"  # encoder, classifier (_ema, _best), segmenter (_best)
 CONFUSION = "confusion.png"
 CURVES = "curves.png"
+PREDICTIONS = "predictions.png"
+PER_CLASS = "per_class.txt"
 
 
 class RunDir:
@@ -56,9 +61,12 @@ class RunDir:
     tensorboard = property(lambda self: self.root / TENSORBOARD)
     confusion = property(lambda self: self.root / CONFUSION)
     curves = property(lambda self: self.root / CURVES)
+    predictions = property(lambda self: self.root / PREDICTIONS)
+    per_class = property(lambda self: self.root / PER_CLASS)
 
     def export(self, kind="encoder"):
-        """OUTPUT/<kind>.safetensors: encoder, classifier, classifier_ema, classifier_best."""
+        """OUTPUT/<kind>.safetensors: encoder, classifier, classifier_ema, classifier_best, segmenter,
+        segmenter_best."""
         return self.root / EXPORT.format(kind=kind)
 
 
@@ -107,11 +115,12 @@ def read_scalars(folder, tag=None):
     return sorted((step, v) for (step, _), v in found.items() if v is not None)
 
 
-def read_metrics(path):
-    """The rows of a metrics.jsonl, the last one per epoch (a resumed run may repeat an epoch)."""
+def read_metrics(path, x="epoch"):
+    """The rows of a metrics.jsonl, the last one per value of `x` ("epoch" or "step": a resumed
+    run may repeat one), in its order."""
     rows = {}
     for line in Path(path).read_text().splitlines():
         if line.strip():
             row = json.loads(line)
-            rows[row["epoch"]] = row
+            rows[row[x]] = row
     return [rows[e] for e in sorted(rows)]

@@ -17,7 +17,8 @@ from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.optim import Lars
 from timm.utils import ModelEmaV3, accuracy
 
-from fcmae.finetune import layer_decay
+from fcmae.data.modules import start_next_epoch
+from fcmae.encoders import layer_decay
 from fcmae.optim import StepSchedule, adamw, no_weight_decay, param_groups
 from fcmae.training.callbacks import writes_logs
 
@@ -151,24 +152,3 @@ class FinetuneModule(StepSchedule, L.LightningModule):
         # lr_scale (layer decay) multiplies it.
         return {"optimizer": optimizer, "lr_scheduler": self.lr_schedule(optimizer, hp.warmup_epochs, hp.min_lr)}
 
-
-def start_next_epoch(checkpoint):
-    """Where a run resumes from a checkpoint written once Lightning had closed the epoch (at the
-    end of training, after validation). With --max-steps Lightning resumes such an epoch as an
-    unfinished one: after the epoch's last batch it runs it empty, one epoch ahead of an
-    uninterrupted run (its data order, the epoch count); stopped inside the epoch, it counts the
-    rest of it as the next epoch. Here the first starts the next epoch, as Lightning does without
-    --max-steps, and the second reopens the epoch where it stopped."""
-    loop = checkpoint.get("loops", {}).get("fit_loop")
-    if not loop or "epoch_loop.batch_progress" not in loop:
-        return
-    epochs, batches = loop["epoch_progress"], loop["epoch_loop.batch_progress"]
-    if len(set(epochs["current"].values())) > 1:  # saved inside an epoch: Lightning resumes it right
-        return
-    if batches["is_last_batch"]:
-        batches["current"] = dict.fromkeys(batches["current"], 0)
-        batches["is_last_batch"] = False
-    elif batches["current"]["completed"] > 0:
-        for count in (epochs["current"], epochs["total"]):
-            count["processed"] -= 1
-            count["completed"] -= 1

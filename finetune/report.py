@@ -1,11 +1,12 @@
 """Results you can look at: a confusion matrix and per-class accuracy (printed as a table, saved
-as a PNG with the class names on its axes) and the run's curves from metrics.jsonl (train and
-val loss, val top-1 of the raw weights and the EMA, lr, per epoch). Written by `fcmae finetune`
-at the end of a run and by `fcmae eval`."""
+as a PNG with the class names on its axes) and the panels of the run's curves.png
+(CLASSIFICATION_PANELS for fcmae.figures.plot_curves: train and val loss, val top-1 of the raw
+weights and the EMA, lr, per epoch). Written by `fcmae finetune` at the end of a run and by
+`fcmae eval`."""
 import torch
 
+from fcmae.figures import pyplot
 from fcmae.files import save_figure
-from fcmae.rundir import read_metrics
 
 
 def confusion_update(cm, logits, y):
@@ -44,16 +45,9 @@ def per_class_table(cm, classes):
     return "\n".join(lines)
 
 
-def _figure():
-    import matplotlib
-    matplotlib.use("Agg")  # files only, no display
-    import matplotlib.pyplot as plt
-    return plt
-
-
 def plot_confusion(cm, classes, path, title="confusion matrix"):
     """The confusion matrix as a PNG: rows normalized per true class, counts in the cells."""
-    plt = _figure()
+    plt = pyplot()
     cm = cm.cpu()
     k = len(classes)
     rates = cm.double() / cm.sum(1, keepdim=True).clamp(min=1)
@@ -76,29 +70,7 @@ def plot_confusion(cm, classes, path, title="confusion matrix"):
     return path
 
 
-def plot_curves(metrics, path):
-    """curves.png from metrics.jsonl: losses, val top-1 (raw and EMA), lr, per epoch."""
-    plt = _figure()
-    rows = read_metrics(metrics)
-    epochs = [r["epoch"] for r in rows]
-
-    def series(key):
-        return [r.get(key) if r.get(key) is not None else float("nan") for r in rows]
-
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
-    panels = [("loss", [("train_loss", "train"), ("val_loss", "val"), ("ema_val_loss", "val (EMA)")]),
-              ("val top-1 (%)", [("top1", "raw"), ("ema_top1", "EMA")]),
-              ("lr", [("lr", "head lr")])]
-    for ax, (label, keys) in zip(axes, panels):
-        for key, name in keys:
-            values = series(key)
-            if any(v == v for v in values):  # not all NaN
-                ax.plot(epochs, values, marker="o", markersize=3, label=name)
-        ax.set_xlabel("epoch")
-        ax.set_ylabel(label)
-        ax.grid(alpha=0.3)
-        if ax.lines:
-            ax.legend()
-    path = save_figure(fig, path, dpi=100)
-    plt.close(fig)
-    return path
+# (panel's y label, [(metrics.jsonl key, line label), ...]) for each panel of curves.png
+CLASSIFICATION_PANELS = [("loss", [("train_loss", "train"), ("val_loss", "val"), ("ema_val_loss", "val (EMA)")]),
+                         ("val top-1 (%)", [("top1", "raw"), ("ema_top1", "EMA")]),
+                         ("lr", [("lr", "head lr")])]

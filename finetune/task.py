@@ -28,30 +28,16 @@ from fcmae.data.transforms import eval_transform, train_transform
 from fcmae.encoders import ConvNeXtV2
 from fcmae.encoders.convnextv2 import size_config
 from fcmae.errors import UserError
-from fcmae.finetune import layer_decay
+from fcmae.encoders import layer_decay
 from fcmae.finetune.module import FinetuneModule, FinetuneSettings
-from fcmae.finetune.report import confusion_matrix, per_class_table, plot_confusion, plot_curves
+from fcmae.figures import plot_curves
+from fcmae.finetune.report import CLASSIFICATION_PANELS, confusion_matrix, per_class_table, plot_confusion
 from fcmae.finetune.weights import load_pretrained
 from fcmae.masking import check_input_size
 from fcmae.rundir import RunDir, append_metrics
 from fcmae.training import flags
-from fcmae.training.run import MIN_STEPS_PER_EPOCH, Task, base_plan, few_steps_warning, steps_per_epoch
+from fcmae.training.run import MIN_STEPS_PER_EPOCH, Task, base_plan, batch_plan, few_steps_warning, steps_per_epoch
 from fcmae.training.trainer import world_size
-
-
-def batch_plan(cfg, world=None):
-    """(accumulate, effective batch) on `world` processes (default: as the hardware flags give):
-    --accumulate wins; else it comes from --effective-batch."""
-    world = world or world_size(cfg)
-    per_step = cfg.batch_size * world
-    accumulate = cfg.accumulate
-    if accumulate is None:
-        target = cfg.effective_batch or per_step
-        if target % per_step:
-            raise UserError(f"--effective-batch {target} is not a multiple of --batch-size {cfg.batch_size} x "
-                            f"{world} device(s): change one, or pass --accumulate")
-        accumulate = max(1, target // per_step)
-    return accumulate, per_step * accumulate
 
 
 def default_output(cfg):
@@ -287,7 +273,7 @@ def report(module, output, val_set, classes, cfg, best):
     and OUTPUT/confusion.png), and OUTPUT/curves.png from metrics.jsonl."""
     run = RunDir(output)
     if run.metrics.is_file():
-        print(f"wrote {plot_curves(run.metrics, run.curves)}")
+        print(f"wrote {plot_curves(run.metrics, run.curves, CLASSIFICATION_PANELS)}")
     if val_set is None or best is None:
         return
     which = "EMA" if best["ema"] else "raw"

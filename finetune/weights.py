@@ -8,16 +8,12 @@ model tensor for tensor. Reading and writing files is fcmae.checkpoints' job.
 import torch
 from timm.layers import trunc_normal_
 
-from fcmae.checkpoints import KINDS, read_weights, size_name
+from fcmae.checkpoints import KINDS, misfit, read_weights, shape_text, size_name
 from fcmae.errors import SettingError
 
 __all__ = ["load_pretrained"]
 
 HEAD = ("head.weight", "head.bias")
-
-
-def _shape(t):
-    return "(" + ", ".join(map(str, t.shape)) + ")"
 
 
 def load_pretrained(model, path, trust=False):
@@ -36,20 +32,13 @@ def load_pretrained(model, path, trust=False):
     dropped = []
     for k in HEAD:
         if k in state and k in own and state[k].shape != own[k].shape:
-            dropped.append(f"{k} {_shape(state.pop(k))}")
-    for k in own:  # in the model's order: the stem's weight first
-        if k in state and state[k].shape != own[k].shape:
-            raise SettingError(f"`pretrained` {path} does not fit {size}: {k} is {_shape(state[k])} in the file but "
-                               f"{_shape(own[k])} in the model: pass the `model` and `in_chans` it was trained with")
-    unexpected = sorted(k for k in state if k not in own)
+            dropped.append(f"{k} {shape_text(state.pop(k))}")
+    problem = misfit(own, state)
+    if problem:
+        fact, kind = problem
+        fix = "the `model` and `in_chans`" if kind == "shape" else "the `model`"
+        raise SettingError(f"`pretrained` {path} does not fit {size}: {fact}: pass {fix} it was trained with")
     missing = sorted(k for k in own if k not in state)
-    trunk_missing = [k for k in missing if not k.startswith(("norm.", "head."))]
-    if unexpected or trunk_missing:
-        k = (unexpected or trunk_missing)[0]
-        where = "in the file but not in the model" if unexpected else "in the model but not in the file"
-        raise SettingError(f"`pretrained` {path} does not fit {size}: {k} is {where} "
-                           f"({len(unexpected)} unexpected, {len(trunk_missing)} missing trunk tensors): "
-                           f"pass the `model` it was trained with")
     model.load_state_dict(state, strict=False)
     if "head.weight" not in state:
         trunc_normal_(model.head.weight, std=2e-5)

@@ -87,13 +87,17 @@ def segment(cuda, quick, tmp):
     data = segmentation_data(tmp / "seg")
     device = [] if cuda else ["--accelerator", "cpu"]
     args = ["segment", "--data", str(data), "--model", "atto", "--input-size", "64", "--batch-size", "4",
-            "--max-steps", "5" if quick else "20", "--val-split", "0", "--precision", "bf16-mixed", "--workers", "2",
+            "--max-steps", "5" if quick else "20", "--log-every", "5", "--val-split", "0", "--precision", "bf16-mixed",
+            "--workers", "2",
             "--devices", "1", "--no-resume", "--output", str(tmp / "segment"), *device]
     start = time.perf_counter()
     run = subprocess.run([sys.executable, "-m", "fcmae.cli", *args], capture_output=True, text=True)
     if run.returncode != 0:
         raise RuntimeError(f"exit {run.returncode}: {run.stderr.strip()[-1500:]}")
-    return {"args": args, "train_seconds": time.perf_counter() - start}
+    if not (tmp / "segment" / "segmenter.safetensors").is_file():
+        raise RuntimeError("the run ended without writing segmenter.safetensors")
+    progress = [line for line in run.stdout.splitlines() if line.startswith("step ")]
+    return {"args": args, "train_seconds": time.perf_counter() - start, "last_progress": progress[-1:]}
 
 
 def segmentation_data(root, n=16, size=64):

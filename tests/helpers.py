@@ -1,4 +1,5 @@
 """Small shared test helpers (imported by test modules; tests/ is on sys.path under pytest)."""
+import colorsys
 import json
 import math
 import os
@@ -80,6 +81,128 @@ def labelled_images(root, classes=3, per_class=8, size=64, val_per_class=0, seed
                     draw.polygon([(x - r, y + r), (x + r, y + r), (x, y - r)], fill=colours[c % len(colours)])
                 img.save(folder / f"{i:03d}.png")
     return root
+
+
+SHAPE_COLOURS = [(220, 30, 30), (30, 200, 30), (30, 30, 220), (220, 200, 30), (200, 30, 200), (30, 200, 200)]
+
+
+def draw_shape(draws, kind, box, fills):
+    """Draw one shape (0 disc, 1 square, 2 triangle) into every ImageDraw of `draws`, each with its fill."""
+    x0, y0, x1, y1 = box
+    for draw, fill in zip(draws, fills):
+        if kind == 0:
+            draw.ellipse(box, fill=fill)
+        elif kind == 1:
+            draw.rectangle(box, fill=fill)
+        else:
+            draw.polygon([(x0, y1), (x1, y1), ((x0 + x1) // 2, y0)], fill=fill)
+
+
+def segmentation_images(root, layout="generic", train=8, val=4, size=64, classes=4, seed=0, mask_mode="L",
+                        arrays=False, names=True, colours="fixed"):
+    """A tiny segmentation set: on a noisy gray background (label 0), one to three shapes of
+    labels 1..classes-1 (label c: shape (c - 1) % 3, colour SHAPE_COLOURS[c - 1], or with
+    `colours` "random" a saturated colour of random hue per shape, so that the shape alone tells
+    the class) at random places and sizes; the masks hold the labels. layout "generic": root/{train,val}/{images,masks}
+    (.png images); "ade20k": root/images/{training,validation}/*.jpg and
+    root/annotations/{training,validation}/*.png with labels stored + 1 and a border of 0
+    ("other"), as ADE20K stores them (reduce_zero_label gives the labels back). `mask_mode`: "L",
+    "P" (palette) or "I;16"; `arrays`: images as .npy float32 (3, H, W) in [0, 1]; `names`:
+    write root/classes.txt. Returns root."""
+    import numpy as np
+    from PIL import Image, ImageDraw
+    rng = np.random.default_rng(seed)
+    folders = {"generic": {"train": ("train/images", "train/masks"), "val": ("val/images", "val/masks")},
+               "ade20k": {"train": ("images/training", "annotations/training"),
+                          "val": ("images/validation", "annotations/validation")}}[layout]
+    for split, n in (("train", train), ("val", val)):
+        if not n:
+            continue
+        image_dir, mask_dir = (root / f for f in folders[split])
+        image_dir.mkdir(parents=True, exist_ok=True)
+        mask_dir.mkdir(parents=True, exist_ok=True)
+        for i in range(n):
+            img = Image.fromarray(rng.integers(100, 156, (size, size, 3), dtype=np.uint8))
+            mask = Image.new("L", (size, size), 0)
+            for _ in range(int(rng.integers(1, 4))):
+                label = int(rng.integers(1, classes))
+                r = int(rng.integers(size // 8, size // 4))
+                x, y = (int(v) for v in rng.integers(r, size - r, 2))
+                colour = SHAPE_COLOURS[(label - 1) % len(SHAPE_COLOURS)] if colours == "fixed" else \
+                    tuple(round(255 * v) for v in colorsys.hsv_to_rgb(*rng.uniform((0, 0.6, 0.7), (1, 1, 1))))
+                draw_shape([ImageDraw.Draw(img), ImageDraw.Draw(mask)], (label - 1) % 3, [x - r, y - r, x + r, y + r],
+                           [colour, label])
+            labels = np.asarray(mask).astype(np.int64)
+            if layout == "ade20k":
+                labels = labels + 1
+                labels[:2], labels[:, :2] = 0, 0  # "other"
+            stem = f"{split}_{i:03d}"
+            if arrays:
+                np.save(image_dir / f"{stem}.npy", (np.asarray(img, np.float32) / 255).transpose(2, 0, 1))
+            else:
+                img.save(image_dir / f"{stem}.{'jpg' if layout == 'ade20k' else 'png'}")
+            if mask_mode == "P":
+                out = Image.fromarray(labels.astype(np.uint8), mode="P")
+                out.putpalette([v for c in range(256) for v in ((37 * c) % 256, (91 * c) % 256, (53 * c) % 256)])
+            elif mask_mode == "I;16":
+                out = Image.fromarray(labels.astype(np.uint16))
+            else:
+                out = Image.fromarray(labels.astype(np.uint8), mode="L")
+            out.save(mask_dir / f"{stem}.png")
+    if names:
+        (root / "classes.txt").write_text("".join(f"{n}\n" for n in ["background", "disc", "square", "triangle",
+                                                                      "disc2", "square2"][:classes]))
+    return root
+
+
+def plain_segmentation_loop(root, steps, batch_size=8, lr=1e-3, warmup=None, channels=64,
+                            encoder="tu-convnextv2_atto", seed=0, **encoder_kwargs):
+    """The reference for learnability: segmentation_models_pytorch's UPerNet (on timm's ConvNeXt V2
+    through smp's timm-universal encoder; `encoder_kwargs` such as depths and dims go to timm) in
+    a plain PyTorch loop on a `segmentation_images` set (generic layout, 3-channel images, masks
+    0..K-1): whole images normalized with ImageNet's statistics, random horizontal flips, cross
+    entropy, AdamW with a linear warmup then a linear decay, `steps` optimizer steps. Returns the
+    val mIoU in percent, from a confusion matrix counted here (classes absent from truth and
+    prediction left out), independent of fcmae."""
+    import numpy as np
+    import segmentation_models_pytorch as smp
+    from PIL import Image
+
+    def read(split):
+        images = sorted((root / split / "images").iterdir())
+        x = np.stack([np.asarray(Image.open(p).convert("RGB"), np.float32) / 255 for p in images])
+        y = np.stack([np.asarray(Image.open(root / split / "masks" / f"{p.stem}.png"), np.int64) for p in images])
+        mean, std = np.array([0.485, 0.456, 0.406], np.float32), np.array([0.229, 0.224, 0.225], np.float32)
+        return torch.from_numpy((x - mean) / std).permute(0, 3, 1, 2).contiguous(), torch.from_numpy(y)
+
+    (x, y), (vx, vy) = read("train"), read("val")
+    k = int(max(y.max(), vy.max())) + 1
+    torch.manual_seed(seed)
+    model = smp.UPerNet(encoder_name=encoder, encoder_weights=None, classes=k, decoder_channels=channels,
+                        **encoder_kwargs)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.05)
+    warmup = steps // 10 if warmup is None else warmup
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: s / warmup if s < warmup else max(0.0, 1 - s / steps))
+    g = torch.Generator().manual_seed(seed)
+    model.train()
+    for _ in range(steps):
+        idx = torch.randint(len(x), (batch_size,), generator=g)
+        xb, yb = x[idx].clone(), y[idx].clone()
+        flip = torch.rand(batch_size, generator=g) < 0.5
+        xb[flip], yb[flip] = xb[flip].flip(-1), yb[flip].flip(-1)
+        loss = torch.nn.functional.cross_entropy(model(xb), yb, ignore_index=255)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+    model.eval()
+    with torch.no_grad():
+        predicted = model(vx).argmax(1)
+    keep = vy != 255
+    confusion = torch.bincount(vy[keep] * k + predicted[keep], minlength=k * k).reshape(k, k).double()
+    tp, union = confusion.diag(), confusion.sum(0) + confusion.sum(1) - confusion.diag()
+    return float((tp[union > 0] / union[union > 0]).mean() * 100)
 
 
 def release_checkpoint(ours):
@@ -174,3 +297,23 @@ def parse_pretrain(*args):
 def weights(module):
     """A detached copy of a module's state dict."""
     return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+# `fcmae segment` small enough for 2 shared CPU cores: the TINY size, a 16-wide UperNet, 64 px,
+# batches of 2 (each step well under a second with one thread). Flags only: the atto recipe first.
+SEGMENT_TINY = ["--model", json.dumps(TINY), "--input-size", "64", "--batch-size", "2", "--effective-batch", "2",
+                "--channels", "16", "--aux-channels", "8", "--workers", "0", "--accelerator", "cpu", "--devices", "1",
+                "--precision", "32", "--log-every", "1"]
+
+
+def segment_args(*args):
+    """The argv of `fcmae segment` with the atto recipe, SEGMENT_TINY and `args` (strings)."""
+    from fcmae.training.flags import recipe_path
+    return ["segment", "--config", recipe_path("segment", "atto"), *SEGMENT_TINY, *map(str, args)]
+
+
+def segment_small(*args):
+    """Like `fcmae segment --model atto ...` with SEGMENT_TINY, in this process: train()'s result
+    ({"history", "output", "segmenter", "best", "module"})."""
+    from fcmae.commands.segment import build_parser, train
+    return train(build_parser().parse_args(segment_args(*args)[1:]))

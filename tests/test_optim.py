@@ -57,3 +57,26 @@ def test_non_finite_loss_is_one_line_with_or_without_a_checkpoint():
                       "Rerun the same command with a lower lr to resume from it, e.g. --lr 0.0005 (half of 0.001)")
     e.checkpoint = ("run/checkpoints/last.ckpt", 4)
     assert "the last good checkpoint is run/checkpoints/last.ckpt (step 4)." in str(e)
+
+
+def mmcv_poly(step, warmup_steps, total_steps, power, min_ratio=0.0):
+    """The reference lr multiplier of the segmentation recipe, written out: linear from 0 over the
+    warmup, then (1 - step / total) ** power of the whole schedule (mmcv's poly counts from 0)."""
+    if step < warmup_steps:
+        return step / warmup_steps
+    return min_ratio + (1 - min_ratio) * (1 - min(step, total_steps) / total_steps) ** power
+
+
+@pytest.mark.parametrize("warmup, total, power, min_lr", [(5, 20, 1.0, 0.0), (3, 12, 0.9, 1e-5), (0, 7, 1.0, 0.0)])
+def test_poly_schedule_is_the_warmup_then_polynomial_decay(warmup, total, power, min_lr):
+    from fcmae.optim import poly_schedule
+    lr = 1e-4
+    w, b = torch.nn.Parameter(torch.zeros(2)), torch.nn.Parameter(torch.zeros(2))
+    optimizer = torch.optim.AdamW([{"params": [w], "lr_scale": 1.0}, {"params": [b], "lr_scale": 0.9 ** 3}], lr=lr)
+    scheduler = poly_schedule(optimizer, total, warmup, power, min_lr)
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(lr * mmcv_poly(0, warmup, total, power, min_lr / lr))
+    for step in range(total + 3):  # past the end: stays at min_lr
+        scheduler.step_update(num_updates=step)
+        expected = lr * mmcv_poly(step, warmup, total, power, min_lr / lr)
+        assert optimizer.param_groups[0]["lr"] == pytest.approx(expected, rel=1e-12, abs=1e-15), step
+        assert optimizer.param_groups[1]["lr"] == pytest.approx(0.9 ** 3 * expected, rel=1e-12, abs=1e-15), step

@@ -5,14 +5,15 @@ import ast
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-LIBRARY = ("fcmae", "encoders", "decoders", "finetune")  # what we install (a new task package: add it)
+LIBRARY = ("fcmae", "encoders", "decoders", "finetune", "segment")  # what we install (a new task package: add it)
 EVERYTHING = (*LIBRARY, "benchmarks", "tests")
 MAX_LINES = 80
 # The names of a run directory's files and folders (fcmae/rundir.py's docstring lists them).
 RUN_DIR_NAMES = {"last.ckpt", "best.ckpt", "metrics.jsonl", "config.yaml", "skipped_files.txt", "val_split.txt",
                  "encoder.safetensors", "classifier.safetensors", "classifier_ema.safetensors",
                  "classifier_best.safetensors", "confusion.png", "curves.png", "checkpoints", "tensorboard",
-                 "reconstructions"}
+                 "reconstructions", "segmenter.safetensors", "segmenter_best.safetensors", "predictions.png",
+                 "per_class.txt"}
 
 
 def sources(folders):

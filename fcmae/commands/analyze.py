@@ -29,6 +29,7 @@ from fcmae.data.transforms import eval_transform
 from fcmae.encoders import SIZES
 from fcmae.errors import UserError
 from fcmae.features import cosine_distance, load_encoder, pick_device
+from fcmae.figures import pyplot
 from fcmae.files import save_figure, write_atomic
 from fcmae.masking import PATCH_SIZE, check_input_size
 from fcmae.rundir import is_last, run_dir_of
@@ -183,9 +184,7 @@ def print_table(results):
 
 
 def plot_distances(results, path):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
     for ax, kind, title in zip(axes, ("expansion", "output"), ("MLP expansion layer (after GELU)", "block output")):
         for label, per_block in results.items():
@@ -202,9 +201,7 @@ def plot_distances(results, path):
 def plot_maps(maps, layer, path):
     """One 8x8 grid per encoder; each grid on its own shared scale, so a dead channel is dark and
     a saturated one uniformly bright next to the others."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     from torchvision.utils import make_grid
     fig, axes = plt.subplots(1, len(maps), figsize=(4 * len(maps), 4.3), squeeze=False)
     for ax, (label, m) in zip(axes[0], maps.items()):

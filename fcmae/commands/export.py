@@ -3,11 +3,14 @@
     fcmae export runs/base                     # -> runs/base/encoder.safetensors
     fcmae export runs/base/checkpoints/last.ckpt --output base.pth
     fcmae export runs/ft-base --ema            # a fine-tuning run -> the full classifier (EMA weights)
+    fcmae export runs/seg-tiny                 # a segmentation run -> runs/seg-tiny/segmenter.safetensors
     fcmae export runs/base --hub hub/base      # timm's hub layout + a model card (fcmae/hub.py)
 
 A pre-training checkpoint gives the encoder only (downsample_layers.*, stages.*), dense-converted;
 a fine-tuning checkpoint gives the whole classifier, norm.* and head.* included, and its class
-names. The release's own checkpoints (MinkowskiEngine layout) convert too. `.safetensors`
+names; a segmentation checkpoint the whole segmenter (the encoder in the public dense layout, then
+UperNet and its heads) with its classes, palette, input size, scale, normalization and in_chans.
+The release's own checkpoints (MinkowskiEngine layout) convert too. `.safetensors`
 (default) carries metadata: model size, in_chans, input size, steps and the run's configuration
 (values JSON-encoded); `.pth` holds {"model": weights, "meta": metadata}, like the release's
 files. timm's `convnextv2_<size>` loads either through its checkpoint filter. Reading and
@@ -29,7 +32,7 @@ def build_parser():
     p.add_argument("source", type=str, help="a run directory (its checkpoints/last.ckpt) or a checkpoint file")
     p.add_argument("--output", type=Optional[str], default=None,
                    help="file to write, .safetensors or .pth (default: <run dir>/encoder.safetensors, "
-                        "or classifier.safetensors for fine-tuning runs)")
+                        "classifier.safetensors for fine-tuning runs, segmenter.safetensors for segmentation runs)")
     p.add_argument("--hub", type=Optional[str], default=None,
                    help="write a folder in timm's hub layout instead (config.json, model.safetensors, a README.md "
                         "model card from the run): timm.create_model('local-dir:DIR', pretrained=True) loads it")

@@ -14,10 +14,10 @@ from typing import Literal, Optional, Union
 from jsonargparse import ActionConfigFile, ActionYesNo, ArgumentParser
 
 from fcmae.finetune import task
-from fcmae.finetune.task import FinetuneTask, batch_plan
+from fcmae.finetune.task import FinetuneTask
 from fcmae.masking import PATCH_SIZE
 from fcmae.training import flags
-from fcmae.training.run import train as train_task
+from fcmae.training.run import batch_plan, train as train_task
 
 __all__ = ["DEFAULT_MODEL", "batch_plan", "build_parser", "resolve", "run", "train"]
 

@@ -1,12 +1,17 @@
-"""`fcmae predict`: a trained classifier on new images, one CSV row per image.
+"""`fcmae predict`: a trained model on new images; the file says which task it is.
 
     fcmae predict --checkpoint runs/my-ft/classifier.safetensors photos/ more/*.jpg --output preds.csv
+    fcmae predict --checkpoint runs/my-seg/segmenter.safetensors photos/ --output masks/
 
-The classifier may be any file `fcmae eval` takes (fcmae.Classifier reads it). Folders are walked
-recursively for images and `.npy` arrays. CSV columns: path, class_1, prob_1, ..., class_K, prob_K,
-error. A file that cannot be read gets a row with its error and empty predictions; the exit code
-is 0 when every file was read, 1 when some were not (2: a mistake in the command, as for every
-fcmae command).
+The model may be any file `fcmae eval` takes (fcmae.Classifier and fcmae.Segmenter read them).
+Folders are walked recursively for images and `.npy` arrays. A classifier writes one CSV
+(--output, default predictions.csv): path, class_1, prob_1, ..., class_K, prob_K, error. A
+segmenter writes into the folder --output (default predictions/), per input, <stem>.png (the label
+map at the input's own size, a palette PNG whose pixel values are the labels) and
+<stem>_overlay.png (the image with the labels blended in), and predictions.csv: path, label_map,
+the share of the pixels of each class, error (a repeated stem gets -2, -3, ...). A file that
+cannot be read gets a row with its error and nothing else; the exit code is 0 when every file was
+read, 1 when some were not (2: a mistake in the command, as for every fcmae command).
 """
 import csv
 import io
@@ -19,10 +24,12 @@ import torch
 from jsonargparse import ActionConfigFile, ArgumentParser
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
+from fcmae.checkpoints import read_weights
 from fcmae.classifier import Classifier
 from fcmae.data.reading import ARRAY_EXTENSIONS
 from fcmae.errors import UserError
-from fcmae.files import write_atomic
+from fcmae.files import save_image, write_atomic
+from fcmae.segmenter import Segmenter
 
 
 def find_inputs(inputs):
@@ -56,15 +63,17 @@ def to_csv(predictions, topk):
 
 
 def build_parser():
-    p = ArgumentParser(description="Predict classes of images or .npy arrays with a trained classifier: one CSV row "
-                                   "per file (path, class_1, prob_1, ..., error). Exit code 0: every file was "
-                                   "read; 1: some could not be (their rows say why).")
+    p = ArgumentParser(description="Predict with a trained classifier (one CSV row per file: path, class_1, prob_1, "
+                                   "..., error) or segmenter (a label map PNG and an overlay per file, and a CSV of "
+                                   "class fractions). Exit code 0: every file was read; 1: some could not be (their "
+                                   "rows say why).")
     p.add_argument("--config", action=ActionConfigFile)
     p.add_argument("inputs", nargs="+", help="image files, .npy files, or folders of them (walked recursively)")
     p.add_argument("--checkpoint", type=Optional[str], default=None,
-                   help="classifier*.safetensors, a fine-tuning last.ckpt (or run folder), or a release "
-                        "fine-tuned checkpoint")
-    p.add_argument("--output", type=str, default="predictions.csv", help="the CSV file to write")
+                   help="classifier*.safetensors or segmenter*.safetensors, a fine-tuning or segmentation last.ckpt "
+                        "(or run folder), or a release fine-tuned checkpoint")
+    p.add_argument("--output", type=Optional[str], default=None,
+                   help="a classifier's CSV file (default predictions.csv); a segmenter's folder (default predictions/)")
     p.add_argument("--topk", type=int, default=5, help="classes per row (at most the classifier's)")
     p.add_argument("--ema", action="store_true", help="the EMA weights of a fine-tuning checkpoint")
     p.add_argument("--batch-size", type=int, default=64)
@@ -77,22 +86,26 @@ def build_parser():
 
 
 def predict(cfg):
-    """The command: returns the predictions (and writes the CSV)."""
+    """The command: returns the predictions (and writes the CSV, and a segmenter's label maps)."""
     if not cfg.checkpoint:
-        raise UserError("fcmae predict needs --checkpoint FILE (a classifier) and images or folders to predict")
+        raise UserError("fcmae predict needs --checkpoint FILE (a classifier or segmenter) and images or folders to "
+                        "predict")
     for name in ("topk", "batch_size"):
         if cfg[name] < 1:
             raise UserError(f"--{name.replace('_', '-')} {cfg[name]}: must be at least 1")
     if cfg.workers < 0:
         raise UserError(f"--workers {cfg.workers}: must be 0 or more")
-    if Path(cfg.output).is_dir():
-        raise UserError(f"--output {cfg.output} is a folder: pass the path of the CSV file to write")
     if cfg.device is not None:
         try:
             torch.empty(0, device=cfg.device)
         except (RuntimeError, AssertionError) as e:
             raise UserError(f"--device {cfg.device}: {str(e).splitlines()[0]}: pass cpu or an available GPU") from None
     files = find_inputs(cfg.inputs)
+    if read_weights(cfg.checkpoint, cfg.ema, cfg.trust_checkpoint).segmentation:
+        return segment(cfg, files)
+    cfg.output = cfg.output or "predictions.csv"
+    if Path(cfg.output).is_dir():
+        raise UserError(f"--output {cfg.output} is a folder: pass the path of the CSV file to write")
     clf = Classifier.load(cfg.checkpoint, cfg.ema, cfg.device, cfg.trust_checkpoint)
     print(f"{clf.source}; {len(files)} files", file=sys.stderr)
     predictions = clf.predict(files, cfg.topk, cfg.batch_size, cfg.workers)
@@ -101,6 +114,36 @@ def predict(cfg):
     print(f"wrote {cfg.output}: {len(predictions) - len(failed)} files predicted"
           + (f", {len(failed)} could not be read (see the error column)" if failed else ""), file=sys.stderr)
     return predictions
+
+
+def segment(cfg, files):
+    """A segmenter on `files`: OUTPUT/<stem>.png, <stem>_overlay.png, predictions.csv; returns the
+    Segmentation of each file."""
+    output = Path(cfg.output or "predictions")
+    if output.exists() and not output.is_dir():
+        raise UserError(f"--output {output} is a file: a segmenter writes a folder of label maps; pass a folder")
+    seg = Segmenter.load(cfg.checkpoint, cfg.device, cfg.trust_checkpoint)
+    print(f"{seg.source}: a segmenter of {len(seg.classes)} classes; {len(files)} files", file=sys.stderr)
+    text = io.StringIO()
+    writer = csv.writer(text, lineterminator="\n")
+    writer.writerow(["path", "label_map", *seg.classes, "error"])
+    results, stems = [], {}
+    for path in files:
+        result = seg.predict(path)
+        results.append(result)
+        if result.error:
+            writer.writerow([str(path), "", *[""] * len(seg.classes), result.error])
+            continue
+        stems[path.stem] = stems.get(path.stem, 0) + 1
+        name = path.stem if stems[path.stem] == 1 else f"{path.stem}-{stems[path.stem]}"
+        save_image(seg.label_image(result.labels), output / f"{name}.png")
+        save_image(seg.overlay(path, result.labels), output / f"{name}_overlay.png")
+        writer.writerow([str(path), f"{name}.png", *[f"{v:.6f}" for v in seg.fractions(result.labels).values()], ""])
+    write_atomic(output / "predictions.csv", text.getvalue())
+    failed = sum(1 for r in results if r.error)
+    print(f"wrote {output}: {len(results) - failed} label maps and overlays, predictions.csv"
+          + (f"; {failed} files could not be read (see the error column)" if failed else ""), file=sys.stderr)
+    return results
 
 
 def run(cfg):

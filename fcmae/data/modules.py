@@ -79,6 +79,29 @@ def resume_position(trainer, batches_per_epoch):
     return trainer.current_epoch, batches_done
 
 
+def start_next_epoch(checkpoint):
+    """Where a run resumes from a checkpoint written once Lightning had closed the epoch (at the
+    end of training, after validation). With --max-steps Lightning resumes such an epoch as an
+    unfinished one: after the epoch's last batch it runs it empty, one epoch ahead of an
+    uninterrupted run (its data order, the epoch count); stopped inside the epoch, it counts the
+    rest of it as the next epoch. Here the first starts the next epoch, as Lightning does without
+    --max-steps, and the second reopens the epoch where it stopped, where `resume_position` puts
+    the loader. A module trained on LabelledData calls it from its `on_load_checkpoint`."""
+    loop = checkpoint.get("loops", {}).get("fit_loop")
+    if not loop or "epoch_loop.batch_progress" not in loop:
+        return
+    epochs, batches = loop["epoch_progress"], loop["epoch_loop.batch_progress"]
+    if len(set(epochs["current"].values())) > 1:  # saved inside an epoch: Lightning resumes it right
+        return
+    if batches["is_last_batch"]:
+        batches["current"] = dict.fromkeys(batches["current"], 0)
+        batches["is_last_batch"] = False
+    elif batches["current"]["completed"] > 0:
+        for count in (epochs["current"], epochs["total"]):
+            count["processed"] -= 1
+            count["completed"] -= 1
+
+
 class PretrainData(L.LightningDataModule):
     """Finds and checks the data at construction (before any heavy work), then serves each
     rank its shard of every epoch; after a resume, the rest of the interrupted epoch."""

@@ -15,12 +15,14 @@ import io
 import os
 import re
 import warnings
+from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image, ImageFile
 from torchvision.io import ImageReadMode, decode_jpeg
 
+from fcmae.data.transforms import STATS
 from fcmae.errors import SettingError
 
 ARRAY_EXTENSIONS = (".npy",)
@@ -151,6 +153,29 @@ def read_array(path, in_chans=None, name=None):
         raise BadFile(f"{name} (array of shape {tuple(x.shape)}, expected ({in_chans or 'C'}, H, W): "
                       f"save one sample per .npy file)")
     return x.float() / 255 if x.dtype == torch.uint8 else x.float()
+
+
+def read_input(item, in_chans, model="model"):
+    """One input of a trained model (`fcmae.Classifier`, `fcmae.Segmenter`) -> a PIL image (RGB,
+    or L for one channel) or a float tensor (C, H, W). A path is an image file or a `.npy` array
+    (read as in training); a PIL image is taken as an image file; a tensor as an array (uint8
+    scaled to [0, 1], float as given). What does not fit `in_chans` is a BadFile naming it, and
+    the `model` that takes it."""
+    if isinstance(item, torch.Tensor):
+        if item.ndim != 3 or item.shape[0] != in_chans:
+            raise BadFile(f"tensor of shape {tuple(item.shape)} (expected ({in_chans}, H, W))")
+        return item.float() / 255 if item.dtype == torch.uint8 else item.float()
+    if isinstance(item, Image.Image):
+        item.load()
+        if in_chans not in STATS:
+            raise BadFile(f"a PIL image, but the {model} takes {in_chans}-channel arrays")
+        return convert_image(item, "RGB" if in_chans == 3 else "L")  # as image files are
+    path = Path(item)
+    if path.suffix.lower() in ARRAY_EXTENSIONS:
+        return read_array(path, in_chans)
+    if in_chans not in STATS:
+        raise BadFile(f"{path} (an image, but the {model} takes {in_chans}-channel .npy arrays)")
+    return load_image(path, "RGB" if in_chans == 3 else "L")
 
 
 def holds_arrays(paths, where):

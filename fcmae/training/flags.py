@@ -79,9 +79,9 @@ def add_run_flags(parser, output_help):
 
 
 def check(cfg, *at_least_one):
-    """Cheap checks of the shared flags, and of the command's `at_least_one` counts."""
+    """Cheap checks of the shared flags, and of the command's `at_least_one` counts (None: not given)."""
     for name in ("batch_size", "epochs", "log_every", *at_least_one):
-        if cfg[name] < 1:
+        if cfg[name] is not None and cfg[name] < 1:
             raise UserError(f"--{name.replace('_', '-')} {cfg[name]}: must be at least 1")
     if cfg.workers != "auto" and cfg.workers < 0:
         raise UserError(f"--workers {cfg.workers}: must be 0 (load in the training process) or more")

@@ -149,6 +149,21 @@ def lr_for(cfg, blr, effective_batch):
     return cfg.lr if cfg.lr is not None else blr * effective_batch / 256
 
 
+def batch_plan(cfg, world=None):
+    """(accumulate, effective batch) on `world` processes (default: as the hardware flags give):
+    --accumulate wins; else it comes from --effective-batch (fine-tuning, segmentation)."""
+    world = world or world_size(cfg)
+    per_step = cfg.batch_size * world
+    accumulate = cfg.accumulate
+    if accumulate is None:
+        target = cfg.effective_batch or per_step
+        if target % per_step:
+            raise UserError(f"--effective-batch {target} is not a multiple of --batch-size {cfg.batch_size} x "
+                            f"{world} device(s): change one, or pass --accumulate")
+        accumulate = max(1, target // per_step)
+    return accumulate, per_step * accumulate
+
+
 def base_plan(cfg, world, accumulate, values=None):
     """What every run resolves the same way: its flags (the recipe file's path dropped: its values
     are in), `values` (the task's values in force, e.g. its probe recipe's blr), the accumulation,
@@ -156,9 +171,9 @@ def base_plan(cfg, world, accumulate, values=None):
     values = dict(values or {})
     effective_batch = cfg.batch_size * world * accumulate
     flags = {k: v for k, v in cfg.clone().as_dict().items() if k != "config"}
+    blr = values["blr"] if "blr" in values else cfg.get("blr")  # none: the task's lr is absolute (--lr)
     return {**flags, **values, "accumulate": accumulate, "effective_batch": effective_batch, "world_size": world,
-            "precision": resolve_precision(cfg.precision),
-            "lr": lr_for(cfg, values.get("blr", cfg.blr), effective_batch)}
+            "precision": resolve_precision(cfg.precision), "lr": lr_for(cfg, blr, effective_batch)}
 
 
 # Fewer optimizer steps per epoch than this and an epoch-based schedule (warmup, cosine, EMA,

@@ -127,15 +127,17 @@ def make_trainer(cfg, output, callbacks, epochs, accumulate, **kwargs):
     <output>/checkpoints/last.ckpt and stops the run), RandomState (the RNG states travel with
     the checkpoint), the progress output (`progress_output`: a bar in a terminal, a line every
     --log-every steps in a log), `epochs` and `accumulate` as the run resolved them; `kwargs` go
-    to L.Trainer."""
+    to L.Trainer (`max_steps` among them replaces --max-steps: a task whose length is counted in
+    steps)."""
     run = RunDir(output)
     plugins = [AtomicCheckpointIO()]
     if SLURMEnvironment.detect():
         # What Lightning would pick under srun, without its auto-requeue: StopOnSignal saves the
         # one checkpoint to resume from, the job script requeues (README, "When things go wrong").
         plugins.append(SLURMEnvironment(auto_requeue=False))
+    max_steps = kwargs.pop("max_steps", cfg.max_steps)
     return hardware_trainer(
-        cfg, precision=resolve_precision(cfg.precision), max_epochs=epochs, max_steps=cfg.max_steps,
+        cfg, precision=resolve_precision(cfg.precision), max_epochs=epochs, max_steps=max_steps,
         accumulate_grad_batches=accumulate,
         logger=TensorBoardLogger(output, name=TENSORBOARD, version="", default_hp_metric=False),
         callbacks=[SkippedFiles(run.skipped_files), StopOnSignal(run.last), RandomState(),

@@ -1,7 +1,7 @@
 import pytest
 import timm
 import torch
-from helpers import TINY
+from helpers import TINY, randomize_
 
 from fcmae.encoders import SIZES, ConvNeXtV2, create_model
 
@@ -62,3 +62,15 @@ def test_stochastic_depth():
     assert not torch.allclose(a, b)  # different samples dropped
     model.eval()
     assert torch.equal(model(x), model(x))
+
+
+@pytest.mark.parametrize("in_chans,shape", [(3, (64, 96)), (4, (96, 64))])
+def test_forward_stages_are_the_four_stage_outputs(in_chans, shape):
+    model = randomize_(ConvNeXtV2(TINY, in_chans=in_chans, num_classes=0)).eval()
+    x = torch.randn(2, in_chans, *shape)
+    stages = model.forward_stages(x)
+    h, w = shape
+    assert [tuple(s.shape) for s in stages] == [(2, c, h // f, w // f) for c, f in zip(TINY["dims"], (4, 8, 16, 32))]
+    torch.testing.assert_close(stages[-1], model.forward_features(x), rtol=0, atol=0)  # the same computation
+    with pytest.raises(ValueError, match="multiples of 32"):
+        model.forward_stages(torch.randn(1, in_chans, 48, 64))

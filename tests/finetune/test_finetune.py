@@ -19,7 +19,7 @@ from fcmae.data import labelled as data, transforms
 from fcmae.encoders import SIZES, ConvNeXtV2
 from fcmae.encoders.convert import fcmae_to_release
 from fcmae.errors import UserError
-from fcmae.finetune import layer_decay
+from fcmae.encoders import layer_decay
 from fcmae.finetune.module import FinetuneModule
 from fcmae.finetune.weights import load_pretrained
 from fcmae.optim import param_groups
