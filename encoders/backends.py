@@ -4,10 +4,13 @@ A backend is an object with
 - `name`: what `--backend` and `SparseConvNeXtV2.backend` call it;
 - `unavailable(device=None) -> str | None`: None when it can run (on that device), else why not,
   in one line with the fix (e.g. the install hint);
-- `forward(encoder, imgs, visible)`: the encoder's forward over the shared trunk
-  (`encoder.downsample_layers`, `encoder.stages`): imgs (N, C, H, W) and `visible`, the per-stage
-  visibility maps of `fcmae.masking.stage_visibility` -> (N, C_last, H/32, W/32), zero at masked
-  positions. It must run under bf16 and fp16 autocast (tests/test_mixed_precision.py).
+- `forward(encoder, imgs, mask, visible_per_sample=None)`: the encoder's forward over the shared
+  trunk (`encoder.downsample_layers`, `encoder.stages`): imgs (N, C, H, W), the last-stage mask
+  (N, H/32, W/32) with 1 = masked, and the visible count of every sample when the caller knows it
+  -> (N, C_last, H/32, W/32), zero at masked positions. Blocks are called as modules,
+  `block(x, ...)` (`convnextv2.Block.forward`), never through their submodules, so that wrappers
+  of a block (FSDP units) see its parameters used. It must run under bf16 and fp16 autocast
+  (tests/test_mixed_precision.py).
 
 All backends compute the same function with one parameter set (tests/test_backends.py).
 Adding one: write it in its own file (as `dense_backend.py`, `sparse_backend.py`, `minkowski.py`)
