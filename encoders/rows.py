@@ -142,6 +142,7 @@ class VisibleRows:
 
     def per_sample_norm(self, rows):
         """(M, C) -> (N, C) float32: per-sample, per-channel L2 norm over the sample's rows."""
+        rows = rows.to(statistics_dtype(rows))
         return self.per_sample_sum(rows * rows).sqrt()
 
     def scale_shift(self, rows, scale, shift):
