@@ -80,7 +80,7 @@ class _GeluGRN(torch.autograd.Function):
         h, x, gamma, gx, denom = ctx.saved_tensors
         nx = gx / denom  # (N, 1, C)
         gamma32 = gamma.to(gx.dtype)
-        work = g * x  # one (N, P, C) buffer, reused for dx and dh below
+        work = g * x  # one (N, P, C) buffer, reused for dx below
         s = work.sum(1, keepdim=True, dtype=gx.dtype)  # (N, 1, C): d loss / d scale
         d_gamma = (s * nx).sum((0, 1))
         d_beta = g.sum((0, 1), dtype=gx.dtype)
@@ -90,5 +90,5 @@ class _GeluGRN(torch.autograd.Function):
         coef = torch.where(gx > 0, d_gx / gx, torch.zeros_like(gx))  # dG/dx = x / G (0 where G = 0)
         dx = torch.mul(x, coef.to(x.dtype), out=work)
         dx.addcmul_(g, (1 + gamma32 * nx).to(g.dtype))  # dx = x * coef + g * scale
-        dh = torch.ops.aten.gelu_backward.grad_input(dx, h, grad_input=dx)  # elementwise: in place is safe
+        dh = torch.ops.aten.gelu_backward(dx, h)  # (an out= into dx would copy through a temporary)
         return dh, d_gamma.to(gamma.dtype), d_beta.to(gamma.dtype), None

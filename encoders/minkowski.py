@@ -73,7 +73,11 @@ class MinkowskiBackend:
         dense = stem_conv(imgs)  # (N, C0, H/4, W/4)
         coords = visible[0].nonzero().int().contiguous()  # (M, 3): sample, row, column on the stride-4 grid
         feats = dense.permute(0, 2, 3, 1)[visible[0]]  # (M, C0), same order as coords
-        x = ME.SparseTensor(layer_norm_rows(feats, stem_norm), coordinates=coords)
+        # A coordinate manager of our own: ME's default one sets the process's OpenMP threads (torch's
+        # too) to min(cores, 20), overriding `torch.set_num_threads`.
+        manager = ME.CoordinateManager(D=2, num_threads=torch.get_num_threads(), coordinate_map_type=(
+            ME.CoordinateMapType.GPU if coords.is_cuda else ME.CoordinateMapType.CPU))
+        x = ME.SparseTensor(layer_norm_rows(feats, stem_norm), coordinates=coords, coordinate_manager=manager)
         for i, stage in enumerate(encoder.stages):
             if i > 0:
                 norm, conv = encoder.downsample_layers[i]
