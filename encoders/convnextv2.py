@@ -73,9 +73,9 @@ class Block(nn.Module):
         self.pwconv2 = nn.Linear(4 * dim, dim)
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
-    def mlp(self, x, gelu_grn):
-        """The pointwise part on channels-last features (..., C); `gelu_grn` applies GELU then GRN."""
-        return self.pwconv2(gelu_grn(self.pwconv1(self.norm(x))))
+    def mlp(self, x, grn):
+        """The pointwise part on channels-last features (..., C); `grn` applies the GRN."""
+        return self.pwconv2(grn(self.act(self.pwconv1(self.norm(x)))))
 
     def forward(self, x, where=None):
         """Dense: x (N, C, H, W) and `where` None or the visibility (N, H, W, 1), the dense-masked
@@ -85,10 +85,10 @@ class Block(nn.Module):
             return self.forward_rows(x, where)
         visible = where
         y = self.dwconv(x).permute(0, 2, 3, 1)  # (N, H, W, C)
-        if visible is None:  # every position counts: GELU + GRN in one function
-            y = self.mlp(y, lambda h: self.grn.of_gelu(h.flatten(1, 2)).view(h.shape))
+        if visible is None:  # every position counts: GRN as one function over (N, H*W, 4C)
+            y = self.mlp(y, lambda t: self.grn.grouped(t.flatten(1, 2)).view(t.shape))
         else:
-            y = self.mlp(y, lambda h: self.grn(self.act(h), visible))
+            y = self.mlp(y, lambda t: self.grn(t, visible))
         y = x + self.drop_path(y.permute(0, 3, 1, 2))
         if visible is not None:
             y = y * visible.permute(0, 3, 1, 2)
@@ -97,14 +97,14 @@ class Block(nn.Module):
     def forward_rows(self, x, layout):
         """x (M, C): the visible rows of a stage, `layout` their row layout -> (M, C)."""
         y = layout.depthwise(self.dwconv, x)
-        y = self.mlp(y, lambda h: self._gelu_grn_rows(h, layout))
+        y = self.mlp(y, lambda t: self._grn_rows(t, layout))
         return x + layout.drop_path(y, getattr(self.drop_path, "drop_prob", 0.0), self.training)
 
-    def _gelu_grn_rows(self, h, layout):
-        by_sample = layout.by_sample(h)  # (N, P, 4C) when every sample has P rows, else None
+    def _grn_rows(self, x, layout):
+        by_sample = layout.by_sample(x)  # (N, P, 4C) when every sample has P rows, else None
         if by_sample is not None:
-            return self.grn.of_gelu(by_sample).view(h.shape)
-        return self.grn.forward_rows(self.act(h), layout)
+            return self.grn.grouped(by_sample).view(x.shape)
+        return self.grn.forward_rows(x, layout)
 
 
 def make_trunk(in_chans, depths, dims, drop_path_rate):

@@ -1,17 +1,15 @@
-"""Global Response Normalization (GRN, ConvNeXt V2), and GELU followed by GRN as one autograd
-function.
+"""Global Response Normalization (GRN, ConvNeXt V2), and GRN as one autograd function.
 
 GRN scales each channel of a sample by its L2 norm over the sample's positions relative to the
 mean norm over channels: x + gamma * x * G / mean_c(G) + beta, G = ||x||_2 per (sample, channel).
 Its statistics are float32 whatever x's type (a sample's norm sums thousands of squares; a bf16
 running sum stalls past a few hundred).
 
-`gelu_grn(h, ...)`, for the common case where every sample's positions form one (N, P, C) block
-(dense maps; rows with equal visible counts), computes GRN(GELU(h)) with a hand-written backward:
-four passes over the (N, P, C) activations forward and six backward (in one buffer), where autograd's
-composition of GELU, the norm, its division and the affine part makes about twice as many. It
-keeps h and GELU(h) for backward, as autograd does. (Recomputing GELU(h) there instead saves that
-memory but costs more time than it saves on CPU: docs/performance.md.)
+`grouped_grn(x, ...)`, for the common case where every sample's positions form one (N, P, C)
+block (dense maps; rows with equal visible counts), computes GRN with a hand-written backward:
+three passes over the (N, P, C) activations forward and five backward (in one buffer), where
+autograd's composition of the norm, its division and the affine part makes about twice as many
+and a slow CPU norm kernel. It keeps x for backward, as autograd does.
 """
 import torch
 import torch.nn as nn
@@ -48,9 +46,10 @@ class GRN(nn.Module):
         scale = torch.addcmul(torch.ones_like(nx), self.gamma.view(1, -1).to(nx.dtype), nx)  # (N, C)
         return layout.scale_shift(x, scale, self.beta.view(-1))
 
-    def of_gelu(self, h):
-        """GRN(GELU(h)) for h (N, P, C), per sample over its P positions: `gelu_grn`."""
-        return gelu_grn(h, self.gamma, self.beta, self.eps)
+    def grouped(self, x):
+        """x (N, P, C): every sample's P positions at once (dense maps, rows with equal visible
+        counts) -> (N, P, C), by `grouped_grn`."""
+        return grouped_grn(x, self.gamma, self.beta, self.eps)
 
 
 def statistics_dtype(x):
@@ -58,26 +57,26 @@ def statistics_dtype(x):
     return torch.promote_types(x.dtype, torch.float32)
 
 
-def gelu_grn(h, gamma, beta, eps=1e-6):
-    """GRN(GELU(h)): h (N, P, C), gamma and beta with C entries -> (N, P, C) in h's type."""
-    return _GeluGRN.apply(h, gamma.reshape(-1), beta.reshape(-1), eps)
+def grouped_grn(x, gamma, beta, eps=1e-6):
+    """GRN of x (N, P, C), per sample over its P positions; gamma and beta with C entries ->
+    (N, P, C) in x's type."""
+    return _GroupedGRN.apply(x, gamma.reshape(-1), beta.reshape(-1), eps)
 
 
-class _GeluGRN(torch.autograd.Function):
+class _GroupedGRN(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, h, gamma, beta, eps):
-        x = F.gelu(h)
+    def forward(ctx, x, gamma, beta, eps):
         # Squares in x's type, summed in float32, then sqrt: several times faster on CPU than
         # linalg.vector_norm over dim 1 (a bf16 square is off by 2^-9 at most, the sum is exact).
         gx = (x * x).sum(1, keepdim=True, dtype=statistics_dtype(x)).sqrt()  # (N, 1, C)
         denom = gx.mean(dim=-1, keepdim=True) + eps  # (N, 1, 1)
         scale = 1 + gamma.to(gx.dtype) * (gx / denom)  # (N, 1, C): out = x * scale + beta
-        ctx.save_for_backward(h, x, gamma, gx, denom)
+        ctx.save_for_backward(x, gamma, gx, denom)
         return torch.addcmul(beta.to(x.dtype), x, scale.to(x.dtype))
 
     @staticmethod
     def backward(ctx, g):
-        h, x, gamma, gx, denom = ctx.saved_tensors
+        x, gamma, gx, denom = ctx.saved_tensors
         nx = gx / denom  # (N, 1, C)
         gamma32 = gamma.to(gx.dtype)
         work = g * x  # one (N, P, C) buffer, reused for dx below
@@ -90,5 +89,4 @@ class _GeluGRN(torch.autograd.Function):
         coef = torch.where(gx > 0, d_gx / gx, torch.zeros_like(gx))  # dG/dx = x / G (0 where G = 0)
         dx = torch.mul(x, coef.to(x.dtype), out=work)
         dx.addcmul_(g, (1 + gamma32 * nx).to(g.dtype))  # dx = x * coef + g * scale
-        dh = torch.ops.aten.gelu_backward(dx, h)  # (an out= into dx would copy through a temporary)
-        return dh, d_gamma.to(gamma.dtype), d_beta.to(gamma.dtype), None
+        return dx, d_gamma.to(gamma.dtype), d_beta.to(gamma.dtype), None

@@ -5,7 +5,7 @@ A row layout is what `Block.forward(x, layout)` (`convnextv2.py`) needs to run a
 - `depthwise(conv, x)`: the block's 7x7 depthwise conv on rows (M, C) -> (M, C);
 - `per_sample_norm(x)` (M, C) -> (N, C) float32 and `scale_shift(x, scale (N, C), shift (C,))` =
   x * scale[sample] + shift: GRN's per-sample statistics; `by_sample(x)`: the view (N, P, C)
-  when every sample has P rows (then GELU + GRN run as one function), else None;
+  when every sample has P rows (then GRN runs as one function), else None;
 - `drop_path(x, drop_prob, training)`: stochastic depth by sample.
 `VisibleRows` is the sparse backend's; the MinkowskiEngine backend has its own.
 """
