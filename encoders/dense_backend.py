@@ -1,7 +1,6 @@
 """The `dense` backend: the reference. Dense convolutions over the whole map, with inputs and
 outputs zeroed at masked positions (and GRN's norm over visible positions only), which is what a
 submanifold sparse computation gives. Runs wherever torch runs, in any autocast precision."""
-from fcmae.masking import stage_visibility
 
 
 class DenseBackend:
@@ -10,10 +9,10 @@ class DenseBackend:
     def unavailable(self, device=None):
         return None
 
-    def forward(self, encoder, imgs, mask, visible_per_sample=None):
-        """imgs (N, C, H, W), mask (N, H/32, W/32) 1 = masked -> last-stage features
-        (N, C_last, H/32, W/32), zero at masked positions. `visible_per_sample` is not needed."""
-        visible = stage_visibility(mask)  # per-stage bool maps (N, H/s, W/s), s = 4..32
+    def forward(self, encoder, imgs, visible):
+        """imgs (N, C, H, W), visible: a `backends.Visibility` -> last-stage features
+        (N, C_last, H/32, W/32), zero at masked positions."""
+        visible = visible.stages()  # per-stage bool maps (N, H/s, W/s), s = 4..32
         x = imgs
         for i, (downsample, stage) in enumerate(zip(encoder.downsample_layers, encoder.stages)):
             keep = visible[i].unsqueeze(-1).to(imgs.dtype)  # (N, h, w, 1)

@@ -14,8 +14,6 @@ autocast as in the other backends.
 """
 import torch
 
-from fcmae.masking import stage_visibility
-
 from .convert import downsample_to_minkowski, dwconv_to_minkowski
 from .grn import statistics_dtype
 from .rows import drop_path_rows, layer_norm_rows
@@ -64,10 +62,10 @@ class MinkowskiBackend:
             self._convolutions[key] = conv
         return self._convolutions[key]
 
-    def forward(self, encoder, imgs, mask, visible_per_sample=None):
-        """imgs (N, C, H, W), mask (N, H/32, W/32) 1 = masked -> (N, C_last, H/32, W/32)."""
+    def forward(self, encoder, imgs, visible):
+        """imgs (N, C, H, W), visible: a `backends.Visibility` -> (N, C_last, H/32, W/32)."""
         ME = require_minkowski()
-        visible = stage_visibility(mask)
+        visible = visible.stages()
         n = imgs.shape[0]
         stem_conv, stem_norm = encoder.downsample_layers[0]
         dense = stem_conv(imgs)  # (N, C0, H/4, W/4)

@@ -15,9 +15,9 @@ class SparseBackend:
     def unavailable(self, device=None):
         return None
 
-    def forward(self, encoder, imgs, mask, visible_per_sample=None):
-        """imgs (N, C, H, W), mask (N, H/32, W/32) 1 = masked -> (N, C_last, H/32, W/32)."""
-        rows = stage_rows(mask, visible_per_sample)
+    def forward(self, encoder, imgs, visible):
+        """imgs (N, C, H, W), visible: a `backends.Visibility` -> (N, C_last, H/32, W/32)."""
+        rows = stage_rows(visible.mask, visible.per_sample)
         stem_conv, stem_norm = encoder.downsample_layers[0]
         k = stem_conv.kernel_size[0]
         x = F.linear(rows[0].stem_patches(imgs, k), conv_as_matrix(stem_conv.weight), stem_conv.bias)

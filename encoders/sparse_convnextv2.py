@@ -9,7 +9,7 @@ import torch.nn as nn
 
 from fcmae.masking import PATCH_SIZE
 
-from .backends import BACKENDS, check_backend
+from .backends import BACKENDS, Visibility, check_backend
 from .convnextv2 import check_input, init_weights, make_trunk, size_config
 
 
@@ -49,4 +49,4 @@ class SparseConvNeXtV2(nn.Module):
         grid = (n, h // PATCH_SIZE, w // PATCH_SIZE)
         if mask.shape != grid:
             raise ValueError(f"expected mask (N, H/{PATCH_SIZE}, W/{PATCH_SIZE}) = {grid}, got {tuple(mask.shape)}")
-        return BACKENDS[self.backend].forward(self, imgs, mask, visible_per_sample)
+        return BACKENDS[self.backend].forward(self, imgs, Visibility(mask, visible_per_sample))
