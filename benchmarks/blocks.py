@@ -28,7 +28,8 @@ def main():
     p.add_argument("--mask-ratio", type=float, default=0.6)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--mask-grid", type=int, default=7, help="mask side (the last stage of a 224 image: 7); H must be a multiple")
+    p.add_argument("--mask-grid", type=int, default=7,
+                   help="mask side (the last stage of a 224 image: 7); H must be a multiple")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)

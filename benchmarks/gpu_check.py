@@ -69,7 +69,8 @@ def depthwise_methods(model, input_size, batch, device, rounds=5, mask_ratio=0.6
                 depthwise.BACKWARD[device.type] = method
                 try:
                     with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
-                        entry[method] = timed(lambda: conv.forward_rows(x, layout).float().sum().backward(), device, rounds)
+                        step = lambda: conv.forward_rows(x, layout).float().sum().backward()  # noqa: E731
+                        entry[method] = timed(step, device, rounds)
                 finally:
                     depthwise.BACKWARD[device.type] = saved
             entry["faster"] = min(("native", "swapped"), key=entry.get)
@@ -162,8 +163,8 @@ def main():
               "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"}
     result["depthwise"] = depthwise_methods(args.model, args.input_size, args.batch, device)
     for e in result["depthwise"]:
-        print(f"depthwise stage {e['stage']} ({e['dim']}x{e['side']}) {e['precision']}: native {e['native'] * 1e3:.2f} ms, "
-              f"swapped {e['swapped'] * 1e3:.2f} ms -> {e['faster']}")
+        print(f"depthwise stage {e['stage']} ({e['dim']}x{e['side']}) {e['precision']}: "
+              f"native {e['native'] * 1e3:.2f} ms, swapped {e['swapped'] * 1e3:.2f} ms -> {e['faster']}")
     result["syncs"] = {b: count_syncs(b, args.model, args.input_size, args.batch, device, args.steps)
                        for b in ("dense", "sparse")}
     print(f"host-device syncs in {args.steps} forward+backward steps: {result['syncs']}")

@@ -4,15 +4,17 @@
 backward are ours, on dense maps (`forward`) and on the visible rows of a stage (`forward_rows`).
 
 Why. oneDNN, PyTorch's CPU convolution library, computes a depthwise kernel's weight gradient
-10-20x slower than its forward (docs/performance.md). That gradient is, per sample and channel,
+10-50x slower than its forward (docs/performance.md). That gradient is, per sample and channel,
 the correlation of the input map with the output gradient, summed over the batch: one depthwise
 convolution over the N*C (channel, sample) maps of a single image, whose kernels are the output
 gradients and whose output is the k x k weight gradient ("batch and channels swapped"). It runs
 on the fast forward kernel. The input gradient is the forward convolution with the kernel
 flipped, again the fast kernel. Both give the same numbers up to summation order.
 
-On CUDA the default stays cuDNN's own backward on channels-last maps (`WEIGHT_GRAD`, `BACKWARD`):
-whether the swapped form pays there is for `scripts/gpu_check.sh` to measure.
+On CUDA the default stays torch's own backward (cuDNN) on channels-last maps (`BACKWARD`):
+whether the swapped form pays there is for `benchmarks/gpu_check.py` to measure. Dense maps are
+made channels-last (cuDNN's and oneDNN's fast depthwise layout; torch's own CUDA kernel for
+channels-first maps has a slow backward).
 
 Precision: under autocast the convolution runs in the autocast type like `nn.Conv2d` (input,
 kernel and bias cast to it); the weight gradient's sum over the batch is taken in float32.
@@ -90,7 +92,9 @@ class _DenseDepthwise(torch.autograd.Function):
         method = backward_method(g.device)
         gx = input_grad(g, weight) if ctx.needs_input_grad[0] else None
         gw = weight_grad(x, g, weight, method) if ctx.needs_input_grad[1] else None
-        gb = g.sum((0, 2, 3), dtype=statistics_dtype(g)).to(g.dtype) if ctx.has_bias and ctx.needs_input_grad[2] else None
+        gb = None
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            gb = g.sum((0, 2, 3), dtype=statistics_dtype(g)).to(g.dtype)
         return gx, gw, gb
 
 
@@ -120,7 +124,9 @@ class _RowsDepthwise(torch.autograd.Function):
             maps = layout.scatter_channel_major(x).view(1, c * n, h, w)
             kernels = layout.scatter_channel_major(g).view(c * n, 1, h, w)
             gw = weight_grad_channel_major(maps, kernels, n, weight.shape[-1]).to(weight.dtype)
-        gb = g.sum(0, dtype=statistics_dtype(g)).to(g.dtype) if ctx.has_bias and ctx.needs_input_grad[2] else None
+        gb = None
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            gb = g.sum(0, dtype=statistics_dtype(g)).to(g.dtype)
         return gx, gw, gb, None
 
 

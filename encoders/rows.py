@@ -61,8 +61,7 @@ def stage_rows(mask, per_sample=None):
         sample, position = visible_patches(mask)
     else:
         sample, position = visible_patches(mask, per_sample)
-    grid = (mask.shape[0], *mask.shape[1:])
-    return [VisibleRows(sample, position, grid, PATCH_SIZE // s, per_sample) for s in STAGE_STRIDES]
+    return [VisibleRows(sample, position, tuple(mask.shape), PATCH_SIZE // s, per_sample) for s in STAGE_STRIDES]
 
 
 class VisibleRows:

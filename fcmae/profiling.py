@@ -7,8 +7,8 @@
 `step_breakdown` runs the step under torch.profiler (CPU activity, input shapes) and gives every
 operator's self time to one kind of work (`KINDS`), by the innermost enclosing scope or operator
 that names one: the optimizer's step; the depthwise convolution (convolutions with one input
-channel per group and a kernel larger than 1x1, `encoders/depthwise.py` included); matrix products (mm, addmm, bmm, linear,
-other convolutions); gather/scatter and layout copies (index ops, copies, fills, padding);
+channel per group and a kernel larger than 1x1, `encoders/depthwise.py` included); matrix
+products (mm, addmm, bmm, linear, other convolutions); gather/scatter and layout copies (index ops, copies, fills, padding);
 norms and elementwise (everything else that computes). Python and dispatch time outside any
 operator is `other`. It also counts the matrix products' FLOPs from their shapes, so the
 achieved fraction of the machine's own matrix-product rate (`fcmae.hardware.matmul_rate`,

@@ -44,7 +44,8 @@ SCRIPT = textwrap.dedent("""
             loss.backward()
             with FSDP.summon_full_params(sharded, with_grads=True):
                 grads = {n.replace("_fsdp_wrapped_module.", ""): p.grad.clone() for n, p in sharded.named_parameters()}
-            worst = max(((grads[n] - p.grad).abs().max() / p.grad.abs().max()).item() for n, p in ref.named_parameters())
+            worst = max(((grads[n] - p.grad).abs().max() / p.grad.abs().max()).item()
+                        for n, p in ref.named_parameters())
             units = sum(isinstance(m, FSDP) for m in sharded.modules()) - 1  # the root is one too
             result[backend] = {"loss": loss.item(), "ref_loss": ref_losses[rank].item(), "grad_rel_diff": worst,
                                "params": len(grads), "ref_params": len(list(ref.parameters())), "units": units,
@@ -72,7 +73,8 @@ def test_fsdp_every_backend_matches_the_unwrapped_model(tmp_path):
     script = tmp_path / "fsdp_run.py"
     script.write_text(SCRIPT)
     tests = os.path.dirname(__file__)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([tests, os.environ.get("PYTHONPATH", "")])}
+    path = os.pathsep.join([tests, os.environ.get("PYTHONPATH", "")])
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": path}
     result = subprocess.run([sys.executable, str(script), str(free_port()), str(tmp_path), ",".join(backends)],
                             env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]

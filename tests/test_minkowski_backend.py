@@ -13,8 +13,10 @@ def test_convolution_modules_built_once_per_shape(monkeypatch):
 
     built = []
     for cls in (ME.MinkowskiChannelwiseConvolution, ME.MinkowskiConvolution):
-        init = cls.__init__
-        monkeypatch.setattr(cls, "__init__", lambda self, *a, _init=init, **k: (built.append(type(self)), _init(self, *a, **k))[1])
+        def counting_init(self, *args, _init=cls.__init__, **kwargs):
+            built.append(type(self))
+            _init(self, *args, **kwargs)
+        monkeypatch.setattr(cls, "__init__", counting_init)
     monkeypatch.setattr(MINKOWSKI, "_convolutions", {})  # as in a fresh process
     model = FCMAE(TINY, "minkowski", img_size=64, decoder_dim=16)
     for _ in range(2):

@@ -43,7 +43,8 @@ def test_conv_flops_and_depthwise_classification():
     x = torch.randn(2, 8, 16, 16, requires_grad=True)
     w = torch.randn(16, 8, 2, 2, requires_grad=True)
     dw = torch.randn(8, 1, 7, 7, requires_grad=True)
-    b = profiling.step_breakdown(lambda: (F.conv2d(x, w, stride=2).sum() + F.conv2d(x, dw, padding=3, groups=8).sum()).backward())
+    b = profiling.step_breakdown(
+        lambda: (F.conv2d(x, w, stride=2).sum() + F.conv2d(x, dw, padding=3, groups=8).sum()).backward())
     out = 2 * 16 * 8 * 8  # output elements of the 2x2 conv
     assert b["matmul_flop"] == pytest.approx(2 * out * 8 * 4 * 3, rel=0.01)  # forward + input and weight grads
     assert b["seconds"]["depthwise conv"] > 0
