@@ -1,6 +1,5 @@
 """Time ONE ConvNeXt V2 block, forward + backward, per backend, side by side (interleaved rounds,
-median): the per-block figures of docs/backends.md, to compare with the whole-step numbers of
-`fcmae bench`.
+median), to compare with the whole-step numbers of `fcmae bench` (README.md, "Performance").
 
     python benchmarks/blocks.py                       # stage shapes 128x56, 256x28, 512x14; N=16, 60% masked
     python benchmarks/blocks.py --batch 8 --rounds 3 --shapes 128x56 512x14
@@ -35,6 +34,7 @@ def main():
         torch.set_num_threads(args.threads)
     try:
         import MinkowskiEngine as ME
+
         from fcmae.encoders.minkowski import MINKOWSKI, MinkowskiRows
     except ImportError:
         ME = None

@@ -6,13 +6,14 @@ beside the decode-only rate of the same files (the bound: decoding alone takes t
     python benchmarks/loader.py --images 400 --rounds 5
 
 A view is what the training loader makes of one file: decode, RandomResizedCrop 224 (scale 0.2-1,
-bicubic, antialiased), horizontal flip, to float and normalized, and its 60% mask.
+bicubic, antialiased), horizontal flip, (before) to float and normalized, and its 60% mask.
 - before: Pillow decodes (then a PIL -> tensor copy), the float conversion and normalization are
   two passes (v2.ToDtype + v2.Normalize), and each view's seed goes through torch.manual_seed:
   the loader as it was, kept here (`before`) to compare against;
 - after: torchvision's decode_jpeg straight to a tensor (the same pixels), crop and resize on
-  uint8, one float pass, the CPU generator seeded alone (fcmae.data: read_image,
-  pretrain_transform, augment).
+  uint8, the view left uint8 (normalized on the training device: transforms.ToFloat), the CPU
+  generator seeded alone (fcmae.data: reading.read_image, transforms.pretrain_transform,
+  views.augment).
 Rounds are interleaved and the median is reported, so load on the machine hits all rows alike.
 Run single-threaded, as DataLoader workers are.
 """
@@ -31,11 +32,15 @@ from PIL import Image, ImageFilter
 from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.transforms import InterpolationMode, v2
 
-import fcmae.data as data
-import fcmae.shards as shards
-from fcmae.data import DemoImages, FileSamples, MaskedViews, load_image, normalization, pretrain_transform
+import fcmae.data.shards as shards
+import fcmae.data.sources as sources
+import fcmae.data.views as views
+from fcmae.data.reading import load_image
+from fcmae.data.shards import ShardViews, write_shards
+from fcmae.data.sources import DemoImages, FileSamples
+from fcmae.data.transforms import normalization, pretrain_transform
+from fcmae.data.views import MaskedViews
 from fcmae.masking import random_mask
-from fcmae.shards import ShardViews, write_shards
 
 SIZE = 224
 
@@ -69,14 +74,14 @@ def before():
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             return transform(sample), random_mask(1, grid, grid, mask_ratio)[0]
-    with mock.patch.object(data, "read_image", pil), mock.patch.object(shards, "read_image", pil), \
-            mock.patch.object(data, "augment", augment), mock.patch.object(shards, "augment", augment):
+    with mock.patch.object(sources, "read_image", pil), mock.patch.object(shards, "read_image", pil), \
+            mock.patch.object(views, "augment", augment), mock.patch.object(shards, "augment", augment):
         yield
 
 
 def folder_views(paths, transform):
-    views = MaskedViews(FileSamples(paths, 3), transform, SIZE, 0.6, seed=0)
-    return lambda: [views.item(k) for k in range(len(paths))]
+    dataset = MaskedViews(FileSamples(paths, 3), transform, SIZE, 0.6, seed=0)
+    return lambda: [dataset.item(k) for k in range(len(paths))]
 
 
 def shard_views(urls, n, transform):
@@ -104,9 +109,9 @@ def main():
             "decode only, torchvision decode_jpeg": lambda: [
                 decode_jpeg(torch.frombuffer(bytearray(r), dtype=torch.uint8), mode=ImageReadMode.RGB) for r in raw],
             "folder, before": ("before", lambda: folder_views(paths, before_transform(SIZE, norm))),
-            "folder, after": ("after", lambda: folder_views(paths, pretrain_transform(SIZE, norm))),
+            "folder, after": ("after", lambda: folder_views(paths, pretrain_transform(SIZE))),
             "shards, before": ("before", lambda: shard_views(urls, n, before_transform(SIZE, norm))),
-            "shards, after": ("after", lambda: shard_views(urls, n, pretrain_transform(SIZE, norm))),
+            "shards, after": ("after", lambda: shard_views(urls, n, pretrain_transform(SIZE))),
         }
         times = {name: [] for name in cases}
         for _ in range(args.rounds):

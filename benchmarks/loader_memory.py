@@ -1,5 +1,5 @@
 """Loader worker memory at millions of files: the file list as a Python list of Paths (what
-FileSamples kept) against the flat PathList (fcmae/filelist.py), and how long listing takes.
+FileSamples kept) against the flat PathList (fcmae/data/filelist.py), and how long listing takes.
 
     python benchmarks/loader_memory.py                  # memory table, 2M paths, 4 workers (~2 min on 2 cores)
     python benchmarks/loader_memory.py --listing        # time listing 1000 x 1281 empty files, cold and cached
@@ -29,8 +29,9 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from fcmae.data import list_files, load_image
-from fcmae.filelist import PathList
+from fcmae.data.filelist import PathList
+from fcmae.data.reading import load_image
+from fcmae.data.sources import list_files
 
 SWEEP = 1 << 40  # sample keys from here on are sweep tasks, not samples
 SWEEP_TASKS = 2048  # an epoch's lookups in this many tasks: 32 batches of 64, shared by the workers

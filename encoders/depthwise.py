@@ -12,7 +12,7 @@ on the fast forward kernel. The input gradient is the forward convolution with t
 flipped, again the fast kernel. Both give the same numbers up to summation order.
 
 On CUDA the default stays torch's own backward (cuDNN) on channels-last maps (`BACKWARD`):
-whether the swapped form pays there is for `benchmarks/gpu_check.py` to measure. Dense maps are
+whether the swapped form pays there is for `scripts/gpu_check.py` (part `depthwise`) to measure. Dense maps are
 made channels-last (cuDNN's and oneDNN's fast depthwise layout; torch's own CUDA kernel for
 channels-first maps has a slow backward).
 

@@ -32,8 +32,9 @@ from safetensors.torch import load_file, save_file
 
 from fcmae.encoders import SIZES
 from fcmae.encoders.convert import is_minkowski_layout, to_dense_encoder, unwrap
-from fcmae.errors import UserError
+from fcmae.errors import SettingError, UserError
 from fcmae.files import atomic_write
+from fcmae.rundir import RunDir, checkpoint_in, run_dir_of
 
 SAFE_GLOBALS = [argparse.Namespace]  # see the module docstring for why exactly these
 
@@ -61,8 +62,8 @@ def load(path, trust=False, mmap=False):
     one-line UserError naming the file."""
     path = Path(path)
     if not path.is_file():
-        raise UserError(f"no checkpoint at {path}: the file does not exist; pass a run directory or the path "
-                        f"of a .safetensors, .pth or .ckpt file")
+        raise SettingError(f"no checkpoint at {path}: the file does not exist; pass a run directory or the path "
+                           f"of a .safetensors, .pth or .ckpt file")
     try:
         if path.suffix == ".safetensors":
             return load_file(path)
@@ -74,14 +75,14 @@ def load(path, trust=False, mmap=False):
         found = re.search(r"GLOBAL ([\w.]+)", str(e))
         if not found:
             raise unreadable(path, e) from None
-        raise UserError(f"{path} needs unsafe unpickling to load (it pickles {found[1]}), which can run code from the file: "
-                        f"pass --trust-checkpoint (runs code from the file) only if you trust where it came from, "
-                        f"or use a .safetensors file") from None
+        raise SettingError(f"{path} needs unsafe unpickling to load (it pickles {found[1]}), which can run code "
+                           f"from the file: pass `trust_checkpoint` (runs code from the file) only if you trust "
+                           f"where it came from, or use a .safetensors file") from None
     except (Exception, SafetensorError) as e:  # torch's and safetensors' errors for files of another format
         raise unreadable(path, e) from None
     if not isinstance(obj, dict):  # torch.save'd something else, e.g. a tensor or a whole model
-        raise UserError(f"{path} holds a {type(obj).__name__}, not a checkpoint (a dict of weights): "
-                        f"pass a .safetensors, .pth or .ckpt file of ConvNeXt V2 weights")
+        raise SettingError(f"{path} holds a {type(obj).__name__}, not a checkpoint (a dict of weights): "
+                           f"pass a .safetensors, .pth or .ckpt file of ConvNeXt V2 weights")
     return obj
 
 
@@ -101,11 +102,11 @@ def read_run_checkpoint(path, command, trust=False):
     except UserError as e:
         if "--trust-checkpoint" in str(e):
             raise
-        raise UserError(f"cannot read {path} ({str(e.__cause__ or e).splitlines()[0][:100]}): pass an fcmae "
-                        f"{command} checkpoint to --resume, or --no-resume to start over") from None
+        raise SettingError(f"cannot read {path} ({str(e.__cause__ or e).splitlines()[0][:100]}): pass an fcmae "
+                           f"{command} checkpoint to `resume`, or `no_resume` to start over") from None
     if "loops" not in checkpoint:
-        raise UserError(f"{path} is not a Lightning checkpoint of `fcmae {command}`: pass one to --resume "
-                        f"(<run>/checkpoints/last.ckpt), or --no-resume")
+        raise SettingError(f"{path} is not a Lightning checkpoint of `fcmae {command}`: pass one to `resume` "
+                           f"(<run>/checkpoints/last.ckpt), or `no_resume`")
     return checkpoint
 
 
@@ -149,30 +150,30 @@ def read_weights(path_or_run_dir, ema=False, trust=False):
     (.safetensors, .pth), the release's MinkowskiEngine-layout pre-training checkpoints and dense
     checkpoints (with or without model_ema), timm-layout dense weights. A run directory means
     its checkpoints/last.ckpt. ema=True takes the EMA weights (fine-tuning and release files)."""
-    path = Path(path_or_run_dir)
-    if path.is_dir():
-        path = path / "checkpoints" / "last.ckpt"
+    path = checkpoint_in(path_or_run_dir)
     obj = load(path, trust)
     meta = safetensors_metadata(path) if path.suffix == ".safetensors" else {}
     state_dict = obj.get("state_dict") if isinstance(obj.get("state_dict"), dict) else None
-    no_ema = f"--ema: {path} holds no EMA weights: drop --ema"
+    no_ema = f"`ema`: {path} holds no EMA weights: drop `ema`"
     has_ema, classes = False, None
     if state_dict is not None and any(k.startswith("model.encoder.") for k in state_dict):
         kind, state = "pretrain-checkpoint", to_dense_encoder(state_dict)
         if ema:
-            raise UserError(f"--ema: {path} is a pre-training checkpoint, which holds no EMA weights: drop --ema")
+            raise SettingError(f"`ema`: {path} is a pre-training checkpoint, which holds no EMA weights: "
+                               f"drop `ema`")
     elif state_dict is not None and any(k.startswith(("model.stages.", "model_ema.module.stages.")) for k in state_dict):
         kind = "finetune-checkpoint"
         has_ema = any(k.startswith("model_ema.module.") for k in state_dict)
         if ema and not has_ema:
-            raise UserError(f"--ema: {path} holds no EMA weights (trained with --no-ema or --linear-probe): drop --ema")
+            raise SettingError(f"`ema`: {path} holds no EMA weights (trained with `no_ema` or `linear_probe`): "
+                               f"drop `ema`")
         state = classifier_state_dict(state_dict, ema)
     else:
         if isinstance(obj.get("meta"), dict):  # our .pth export: {"model": weights, "meta": metadata}
             meta = {k: parse_value(v) if isinstance(v, str) else v for k, v in obj["meta"].items()}
         has_ema = isinstance(obj.get("model_ema"), dict)
         if ema and not has_ema:
-            raise UserError(no_ema)
+            raise SettingError(no_ema)
         source = obj["model_ema"] if ema else obj
         state = to_dense_encoder(source)
         if meta.get("layout") == LAYOUT:
@@ -186,8 +187,8 @@ def read_weights(path_or_run_dir, ema=False, trust=False):
             kind = "dense"
     state = {k: v for k, v in state.items() if k.startswith(DENSE_KEYS)}
     if "downsample_layers.0.0.weight" not in state or not any(k.startswith("stages.") for k in state):
-        raise UserError(f"no ConvNeXt V2 weights found in {path}: pass an fcmae pre-training or fine-tuning "
-                        f"checkpoint, an fcmae export, or a release checkpoint")
+        raise SettingError(f"no ConvNeXt V2 weights found in {path}: pass an fcmae pre-training or fine-tuning "
+                           f"checkpoint, an fcmae export, or a release checkpoint")
     if kind in ("pretrain-checkpoint", "finetune-checkpoint"):
         hparams = dict(obj.get("hyper_parameters") or {})
         config = hparams.get("config") or {k: v for k, v in hparams.items() if k != "config"}
@@ -232,7 +233,7 @@ def classifier_state_dict(state_dict, ema=False):
     linear probe feature_bn.*) -> the classifier in the public dense layout."""
     prefix = "model_ema.module." if ema else "model."
     if not any(k.startswith(prefix) for k in state_dict):
-        raise UserError("the checkpoint has no EMA weights (trained with --no-ema): drop --ema"
+        raise SettingError("the checkpoint has no EMA weights (trained with `no_ema`): drop `ema`"
                         if ema else "the checkpoint holds no fine-tuned classifier (model.* keys)")
     out = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
     bn = {("feature_bn." + k.split("feature_bn.", 1)[1]): v for k, v in state_dict.items() if "feature_bn." in k}
@@ -250,7 +251,7 @@ def architecture(state):
     """(model, in_chans, num_classes) of dense public-layout weights; `model` is a size name when
     the depths and dims are a known size, else {"depths": ..., "dims": ...}."""
     if "downsample_layers.0.0.weight" not in state:
-        raise UserError("the weights have no stem (downsample_layers.0.0.weight): not ConvNeXt V2 weights")
+        raise SettingError("the weights have no stem (downsample_layers.0.0.weight): not ConvNeXt V2 weights")
     dims = [state[f"stages.{i}.0.dwconv.weight"].shape[0] if f"stages.{i}.0.dwconv.weight" in state
             else state[f"downsample_layers.{i}.{0 if i == 0 else 1}.weight"].shape[0] for i in range(4)]
     depths = [1 + max((int(k.split(".")[2]) for k in state if k.startswith(f"stages.{s}.")), default=-1)
@@ -282,7 +283,7 @@ def save_weights(path, state, meta):
     `state` and recorded beside the caller's `meta`."""
     path = Path(path)
     if path.suffix not in (".safetensors", ".pth", ".pt"):
-        raise UserError(f"--output {path}: unknown format '{path.suffix}': use .safetensors or .pth")
+        raise SettingError(f"`output` {path}: unknown format '{path.suffix}': use .safetensors or .pth")
     state = {k: v.detach().contiguous().cpu() for k, v in state.items()}
     model, in_chans, num_classes = architecture(state)
     depths, dims = (SIZES[model] if isinstance(model, str) else (model["depths"], model["dims"]))
@@ -296,3 +297,23 @@ def save_weights(path, state, meta):
             with open(tmp, "wb") as f:
                 torch.save({"model": state, "meta": encoded}, f)  # plain strings: loads weights_only
         atomic_write(path, write, mode=0o644)
+
+
+def export_weights(source, output=None, ema=False, trust=False):
+    """Checkpoint (or run directory) -> dense weights file in the public layout, with metadata
+    (kind, input size, crop, steps, epoch, the run's configuration, class names); returns its
+    path. Default `output`: <run dir>/encoder.safetensors, or classifier.safetensors for a
+    fine-tuning checkpoint."""
+    if output is not None and Path(output).suffix not in (".safetensors", ".pth", ".pt"):
+        raise SettingError(f"`output` {output}: unknown format '{Path(output).suffix}': use .safetensors or .pth")
+    weights = read_weights(source, ema, trust)
+    kind = "classifier" if weights.num_classes else "encoder"
+    if output is None:
+        output = RunDir(run_dir_of(weights.path)).export(kind)
+    m = weights.meta
+    meta = {"kind": kind, "input_size": m.get("input_size"), "crop_pct": m.get("crop_pct"), "steps": m.get("steps"),
+            "epoch": m.get("epoch"), "ema": ema, "config": m.get("config") or {}}
+    if weights.classes:
+        meta["classes"] = weights.classes
+    save_weights(output, weights.state, meta)
+    return Path(output)

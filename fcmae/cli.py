@@ -7,46 +7,26 @@ import importlib
 import re
 import sys
 from argparse import ArgumentError
-from importlib.resources import files
 
 from jsonargparse import ArgumentParser
 
 from fcmae.errors import Stopped, UserError
+from fcmae.listflags import list_flags, list_words
+from fcmae.training.flags import with_recipe
 
+# One module each under fcmae/commands/, exposing build_parser() and run(cfg); only this file imports them.
 COMMANDS = {
-    "pretrain": ("fcmae.pretrain", "FCMAE self-supervised pre-training"),
-    "finetune": ("fcmae.finetune.cli", "fine-tune (or linear-probe) a classifier"),
-    "eval": ("fcmae.finetune.evaluate", "evaluate a classifier checkpoint"),
-    "predict": ("fcmae.predict", "predict the classes of images with a classifier (CSV)"),
-    "export": ("fcmae.export", "export weights in the public dense layout"),
-    "bench": ("fcmae.bench", "benchmark a pre-training step of each backend"),
-    "shard": ("fcmae.shard", "write a data folder as WebDataset shards"),
-    "knn": ("fcmae.knn", "weighted kNN accuracy of an encoder's frozen features"),
-    "analyze": ("fcmae.analyze", "feature collapse: the paper's per-layer feature cosine distance"),
+    "pretrain": ("fcmae.commands.pretrain", "FCMAE self-supervised pre-training"),
+    "finetune": ("fcmae.commands.finetune", "fine-tune (or linear-probe) a classifier"),
+    "eval": ("fcmae.commands.eval", "evaluate a classifier checkpoint"),
+    "predict": ("fcmae.commands.predict", "predict the classes of images with a classifier (CSV)"),
+    "export": ("fcmae.commands.export", "export weights in the public dense layout"),
+    "bench": ("fcmae.commands.bench", "benchmark a pre-training step of each backend"),
+    "shard": ("fcmae.commands.shard", "write a data folder as WebDataset shards"),
+    "knn": ("fcmae.commands.knn", "weighted kNN accuracy of an encoder's frozen features"),
+    "analyze": ("fcmae.commands.analyze", "feature collapse: the paper's per-layer feature cosine distance"),
 }
-RECIPE_COMMANDS = ("pretrain", "finetune")  # have per-size recipe files in configs/<command>/
-
-
-def recipe_path(command, model):
-    """configs/<command>/<model>.yaml, shipped inside the package."""
-    path = files("fcmae.configs") / command / f"{model}.yaml"
-    if not path.is_file():
-        raise UserError(f"no {command} recipe for model '{model}' (looked for configs/{command}/{model}.yaml): "
-                        f"pass a known size or --config FILE")
-    return str(path)
-
-
-def with_recipe(command, args, default_model):
-    """Put the size's recipe file first, so the command line overrides it; `--config` replaces it."""
-    if any(a == "--config" or a.startswith("--config=") for a in args) or "-h" in args or "--help" in args:
-        return args
-    model = default_model
-    for i, a in enumerate(args):
-        if a == "--model" and i + 1 < len(args):
-            model = args[i + 1]
-        elif a.startswith("--model="):
-            model = a.split("=", 1)[1]
-    return ["--config", recipe_path(command, model)] + args
+RECIPE_COMMANDS = ("pretrain", "finetune")  # have per-size recipe files in configs/<command>/ (training.flags)
 
 
 def option_error(message, command):
@@ -69,7 +49,7 @@ def user_message(e):
     keep its own message, the last line."""
     text = str(e)
     if "\nOriginal Traceback" in text:
-        text = text.rstrip().splitlines()[-1].split("UserError: ", 1)[-1]
+        text = re.sub(r"^[\w.]*(UserError|SettingError): ", "", text.rstrip().splitlines()[-1])
     return text
 
 
@@ -81,10 +61,13 @@ def main(argv=None):
         parser = ArgumentParser(prog="fcmae", description="FCMAE pre-training and fine-tuning of ConvNeXt V2",
                                 exit_on_error=False)
         subcommands = parser.add_subcommands(dest="command")
-        modules = {}
+        modules, parsers = {}, {}
         for name, (module_name, help_text) in COMMANDS.items():
             modules[name] = importlib.import_module(module_name)
-            subcommands.add_subcommand(name, modules[name].build_parser(), help=help_text)
+            parsers[name] = modules[name].build_parser()
+            subcommands.add_subcommand(name, parsers[name], help=help_text)
+        if argv and argv[0] in parsers:
+            argv = [argv[0]] + list_words(argv[1:], list_flags(parsers[argv[0]]))
         if argv and argv[0] in RECIPE_COMMANDS:
             argv = [argv[0]] + with_recipe(argv[0], argv[1:], modules[argv[0]].DEFAULT_MODEL)
         cfg = parser.parse_args(argv)

@@ -1,5 +1,29 @@
+"""What fcmae raises for a user's mistake (one line, exit 2), a stopped run and a non-finite loss."""
+import re
+
+SETTING = re.compile(r"`([a-z][a-z0-9_]*)`")
+
+
 class UserError(Exception):
     """A mistake in the user's input or files: `fcmae` prints it as one line and exits with 2."""
+
+
+class SettingError(UserError, ValueError):
+    """A library's refusal of a value it was given, stated as a fact about its settings: the
+    message names each setting in backticks (`in_chans`), never a command-line flag. A command
+    words it: `str()` spells a setting as the flag of the same name (`in_chans` -> --in-chans);
+    `worded(flags)` spells those a command names otherwise ({"data": "--eval-data"})."""
+
+    def __init__(self, message, flags=None):
+        super().__init__(message)
+        self.message, self.flags = message, dict(flags or {})
+
+    def worded(self, flags):
+        """The same refusal, its settings spelled as `flags` (setting -> flag) where named there."""
+        return SettingError(self.message, {**self.flags, **flags})
+
+    def __str__(self):
+        return SETTING.sub(lambda m: self.flags.get(m[1], "--" + m[1].replace("_", "-")), self.message)
 
 
 class NonFiniteLoss(UserError):

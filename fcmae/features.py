@@ -1,6 +1,6 @@
 """What an encoder's features say without fine-tuning: a weighted kNN classifier on pooled
 features (`fcmae knn`, the pre-training monitor) and the paper's feature cosine distance
-(`fcmae analyze`).
+(`fcmae analyze`), and loading an encoder for them.
 
 Features for kNN are the dense encoder's last stage, unmasked, global-average pooled (N, C_last),
 then L2-normalized; nothing else (the final LayerNorm and the head are not part of a pre-trained
@@ -8,14 +8,15 @@ encoder). The classifier is the weighted kNN of DINO and the common self-supervi
 cosine similarity to every labelled train feature, the k most similar vote for their class with
 weight exp(similarity / T).
 """
-import contextlib
+import time
 
 import torch
 import torch.nn.functional as F
 
+from fcmae.data.modules import loader
 from fcmae.encoders import ConvNeXtV2
-from fcmae.errors import UserError
-
+from fcmae.errors import SettingError, UserError
+from fcmae.precision import autocast
 
 # ----------------------------------------------------------------------------- feature collapse
 
@@ -47,6 +48,29 @@ def dense_encoder(weights=None, model="atto", in_chans=3, seed=0):
     return encoder.eval()
 
 
+def load_encoder(checkpoint, random_init, model, in_chans, seed=0, trust=False):
+    """(dense encoder, label, meta) for weights `checkpoint` (a run directory or weights file) or
+    `random_init` (of size `model`); meta holds the checkpoint's kind, steps and training input
+    size where known."""
+    if random_init == (checkpoint is not None):
+        raise SettingError("pass exactly one of `checkpoint` FILE_OR_RUN_DIR and `random_init`")
+    if random_init:
+        return dense_encoder(None, model, in_chans, seed), f"random init ({model})", {}
+    from fcmae.checkpoints import read_weights
+    weights = read_weights(checkpoint, trust=trust)
+    return dense_encoder(weights), str(checkpoint), {"kind": weights.kind, "steps": weights.meta.get("steps"),
+                                                     "trained_input_size": weights.meta.get("input_size")}
+
+
+def pick_device(device):
+    """"auto" -> cuda if there is a GPU, else cpu; a CUDA device without a GPU is refused."""
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise SettingError(f"`device` {device}: no CUDA GPU is visible here: use `device` cpu")
+    return device
+
+
 def load_trunk(encoder, state, name="the weights"):
     """Copy stem, downsampling and stages into `encoder` exactly (the final norm is not used)."""
     missing, unexpected = encoder.load_state_dict(state, strict=False)
@@ -54,14 +78,6 @@ def load_trunk(encoder, state, name="the weights"):
     if missing or unexpected:
         raise UserError(f"{name} does not fit the encoder: {(missing or unexpected)[0]} "
                         f"({len(missing)} missing, {len(unexpected)} unexpected tensors)")
-
-
-def autocast(device, precision):
-    """The run's precision for inference: autocast for the mixed ones, nothing for 32."""
-    dtypes = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}
-    if str(precision) not in dtypes:
-        return contextlib.nullcontext()
-    return torch.autocast(torch.device(device).type, dtype=dtypes[str(precision)])
 
 
 def pooled(encoder, imgs):
@@ -102,3 +118,13 @@ def knn_accuracy(train_feats, train_labels, feats, labels, num_classes, k=20, te
     top = scores.topk(min(5, num_classes), dim=1).indices  # (M, 5)
     hits = top == labels[:, None]
     return {"top1": 100.0 * hits[:, 0].double().mean().item(), "top5": 100.0 * hits.any(1).double().mean().item()}
+
+
+def knn_evaluate(encoder, train, val, num_classes, k=20, temperature=0.07, device="cpu", precision="32",
+                 batch_size=64, workers=0):
+    """Embed both labelled sets and classify val by weighted kNN: {"top1", "top5", "seconds", "train", "val"}."""
+    start = time.perf_counter()
+    train_feats, train_labels = embed(encoder, loader(train, batch_size, workers, train=False), device, precision)
+    feats, labels = embed(encoder, loader(val, batch_size, workers, train=False), device, precision)
+    result = knn_accuracy(train_feats, train_labels, feats, labels, num_classes, k, temperature)
+    return {**result, "seconds": time.perf_counter() - start, "train": len(train), "val": len(val)}

@@ -7,7 +7,7 @@ import io
 import os
 from pathlib import Path
 
-from fcmae.errors import UserError
+from fcmae.errors import SettingError
 
 
 def os_error(e):
@@ -36,11 +36,11 @@ def atomic_write(path, write, mode=None, tmp=None):
         tmp.unlink(missing_ok=True)
         cause = os_error(e)
         if cause is not None and cause.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise UserError(f"no space left on device while saving {path}: free space or point --output "
-                            f"elsewhere; the previous checkpoint is intact") from e
+            raise SettingError(f"no space left on device while saving {path}: free space or point `output` "
+                               f"elsewhere; the previous checkpoint is intact") from e
         if cause is not None:
-            raise UserError(f"cannot write {path} ({cause}): check the disk, or point --output elsewhere; "
-                            f"the previous checkpoint is intact") from e
+            raise SettingError(f"cannot write {path} ({cause}): check the disk, or point `output` elsewhere; "
+                               f"the previous checkpoint is intact") from e
         raise
     dir_fd = os.open(path.parent, os.O_RDONLY)
     try:

@@ -1,5 +1,5 @@
-"""FCMAE masks: the one home of the patch size, of drawing a mask, of its ratio's validation and
-of its upsampling to the encoder's stages; patchify/unpatchify.
+"""FCMAE masks: the one home of the patch size (and of the input sizes it allows), of drawing a
+mask, of its ratio's validation and of its upsampling to the encoder's stages; patchify/unpatchify.
 
 A mask lives on the encoder's last stage: one entry per PATCH_SIZE x PATCH_SIZE image patch,
 1 = masked. The earlier stages see it repeated (`upsample_mask`, `stage_visibility`). This module
@@ -7,8 +7,10 @@ imports no model code: the encoders import it, never the reverse.
 """
 import torch
 
-__all__ = ["PATCH_SIZE", "check_mask_ratio", "num_visible", "patchify", "random_mask", "stage_visibility",
-           "unpatchify", "upsample_mask"]
+from fcmae.errors import SettingError
+
+__all__ = ["PATCH_SIZE", "check_input_size", "check_mask_ratio", "num_visible", "patchify", "random_mask",
+           "stage_visibility", "unpatchify", "upsample_mask"]
 
 PATCH_SIZE = 32  # the encoder's total stride (stem 4 x three 2x downsamplings): one mask entry per last-stage position
 STAGE_STRIDES = (4, 8, 16, 32)
@@ -18,20 +20,30 @@ def num_visible(num_patches, mask_ratio):
     return int(num_patches * (1 - mask_ratio))
 
 
-def check_mask_ratio(ratio, num_patches, *, training=True, name="mask ratio", image=None):
-    """Raise ValueError (one line) unless `ratio` leaves a visible patch of `num_patches` and, for
-    `training`, masks one too (the loss is over the masked patches): 0 < ratio < 1 there, 0 <= ratio
-    < 1 otherwise. `name` and `image` (e.g. "a 64px crop") word the message for a command's flag;
-    command-line callers wrap it in their UserError."""
+def check_input_size(size, suggest=None):
+    """Raise SettingError (a ValueError) unless an image side of `size` pixels is a positive
+    multiple of PATCH_SIZE, the encoder's total stride. The fix it names: `suggest`, else the
+    nearest multiple."""
+    if size < PATCH_SIZE or size % PATCH_SIZE:
+        nearest = max(PATCH_SIZE, round(size / PATCH_SIZE) * PATCH_SIZE)
+        fix = f"pass e.g. {suggest}" if suggest else f"use e.g. {nearest}"
+        raise SettingError(f"`input_size` {size} is not a multiple of {PATCH_SIZE}: {fix}")
+
+
+def check_mask_ratio(ratio, num_patches, *, training=True, image=None):
+    """Raise SettingError (a ValueError, one line) unless `ratio` leaves a visible patch of
+    `num_patches` and, for `training`, masks one too (the loss is over the masked patches):
+    0 < ratio < 1 there, 0 <= ratio < 1 otherwise. `image` (e.g. "a 64px crop") says where."""
     low_ok = ratio > 0 if training else ratio >= 0
     if not (low_ok and ratio < 1):
         interval = "(0, 1)" if training else "[0, 1)"
-        raise ValueError(f"{name} {ratio} is outside {interval}: pass the fraction of patches to mask, e.g. 0.6 (the "
-                         f"paper's); it must be in {interval} so that some patches are masked and some visible")
+        raise SettingError(f"`mask_ratio` {ratio} is outside {interval}: pass the fraction of patches to mask, e.g. "
+                           f"0.6 (the paper's); it must be in {interval} so that some patches are masked and some "
+                           f"visible")
     if num_visible(num_patches, ratio) < 1:
         where = f" in {image}" if image else ""
-        raise ValueError(f"{name} {ratio} leaves no visible patch of the {num_patches}{where}: "
-                         f"use a lower ratio or larger images")
+        raise SettingError(f"`mask_ratio` {ratio} leaves no visible patch of the {num_patches}{where}: "
+                           f"use a lower ratio or larger images")
 
 
 def random_mask(n, h, w, mask_ratio, device=None, generator=None):

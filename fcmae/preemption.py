@@ -1,33 +1,13 @@
 """Stopping on a scheduler's signal without losing work.
 
-Schedulers warn before they kill: SLURM sends SIGTERM at the time limit (or the signal chosen with
-`#SBATCH --signal=USR1@120`), Kubernetes and spot instances send SIGTERM and wait a grace period,
-a person presses Ctrl-C (SIGINT). On any of SIGTERM, SIGINT and SIGUSR1 a training run finishes
-the optimizer step in flight, writes `last.ckpt` (atomically, like every checkpoint), and stops
-by raising `Stopped`; the command prints its one line and exits with 128 + the signal number
-(143 for SIGTERM, 130 for SIGINT, 138 for SIGUSR1: what a shell reports for a process the signal
-killed, so job scripts that test for it keep working). Rerunning the same command continues from
-that step exactly.
-
-Stopping by an exception rather than `trainer.should_stop`: the latter would first run a
-validation pass and the epoch-end hooks (periodic checkpoints at an odd step, a second save of
-last.ckpt), time a scheduler's grace period does not have.
-
-Under DDP the signal may reach one rank or all of them: after every optimizer step the ranks
-agree (one all-reduce of the signal number) whether any of them was signalled, so all stop after
-the same step and none is left waiting in a collective. Loader workers ignore these signals
-(`worker_init`, the training loaders' worker_init_fn; PyTorch's own worker setup would otherwise
-let SIGTERM kill them): a signal sent to the whole process group, as SLURM does, reaches the
-training process alone in effect, and its workers end with it. A repeated SIGTERM or SIGUSR1 is
-ignored (schedulers may resend it); a second Ctrl-C stops at once, as Ctrl-C always did. Neither
-can corrupt a file: every checkpoint is written to a temporary file and renamed, so a save cut
-short leaves the previous one intact.
-
-This replaces Lightning's own signal handling: its SIGTERM handler stops without saving (and,
-under DDP, broadcasts from inside the handler), and its SLURM auto-requeue saves a second kind of
-checkpoint (`hpc_ckpt_*.ckpt`) and requeues the job itself. `StopOnSignal` keeps Lightning from
-installing either, and the run layer also turns auto-requeue off, so there is one checkpoint to
-resume from and the job script decides about requeueing.
+On any of SIGTERM, SIGINT and SIGUSR1 (SLURM's time limit or `--signal`, Kubernetes, spot
+instances, Ctrl-C) a training run finishes the optimizer step in flight (on every DDP rank: they
+agree after each step), writes `last.ckpt` (atomically, like every checkpoint) and stops by
+raising `Stopped`; the command prints its one line and exits with 128 + the signal number (143
+for SIGTERM, 130 for SIGINT, 138 for SIGUSR1: what a shell reports for a process the signal
+killed). Rerunning the same command continues from that step exactly. Loader workers ignore the
+signals (`worker_init`); a repeated SIGTERM or SIGUSR1 is ignored, a second Ctrl-C stops at once.
+Why it works this way rather than through Lightning's own handling: docs/internals.md.
 """
 import os
 import signal

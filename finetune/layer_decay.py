@@ -13,7 +13,7 @@ Each parameter gets a layer id; its lr is scaled by decay ** (num_layers + 1 - i
 
 `lr_scale` is what fcmae.optim.param_groups takes as the per-parameter multiplier.
 """
-from fcmae.errors import UserError
+from fcmae.errors import SettingError
 
 TYPES = ("single", "group")
 GROUP_DEPTHS = (3, 3, 27, 3)  # the only layout the release's "group" rule is written for
@@ -48,8 +48,8 @@ def lr_scale(name, depths, decay, decay_type="single"):
 
 def check(depths, decay_type):
     if decay_type not in TYPES:
-        raise UserError(f"--layer-decay-type must be one of {', '.join(TYPES)}, got '{decay_type}'")
+        raise SettingError(f"`layer_decay_type` must be one of {', '.join(TYPES)}, got '{decay_type}'")
     if decay_type == "group" and tuple(depths) != GROUP_DEPTHS:
-        raise UserError(f"--layer-decay-type group is the release's grouping for depths {GROUP_DEPTHS} "
-                        f"(base, large, huge); this model has depths {tuple(depths)}: use single")
+        raise SettingError(f"`layer_decay_type` group is the release's grouping for depths {GROUP_DEPTHS} "
+                           f"(base, large, huge); this model has depths {tuple(depths)}: use single")
 

@@ -5,6 +5,8 @@ owns the loop, devices, precision, checkpoints and logging.
 `self.model` is the dense ConvNeXtV2 and `self.model_ema` timm's ModelEmaV3 of it, so a
 checkpoint holds the classifier as `model.*` and its EMA as `model_ema.module.*`.
 """
+from dataclasses import asdict, dataclass, fields
+from typing import Optional, Union
 
 import lightning as L
 import torch
@@ -16,18 +18,49 @@ from timm.optim import Lars
 from timm.utils import ModelEmaV3, accuracy
 
 from fcmae.finetune import layer_decay
-from fcmae.optim import StepSchedule, no_weight_decay, param_groups
+from fcmae.optim import StepSchedule, adamw, no_weight_decay, param_groups
+from fcmae.training.callbacks import writes_logs
+
+
+@dataclass(frozen=True)
+class FinetuneSettings:
+    """What a FinetuneModule trains with (`ema_decay` None: no EMA) and the facts about its
+    classifier that `fcmae eval`, `predict` and the exports read back (`arch`, `in_chans`,
+    `input_size`, `crop_pct`, `classes`). The fields are the module's keyword arguments and, flat,
+    its checkpoints' hyper_parameters."""
+    lr: float = 1e-3
+    min_lr: float = 1e-6
+    warmup_epochs: float = 0
+    weight_decay: float = 0.05
+    layer_decay: float = 1.0
+    layer_decay_type: str = "single"
+    mixup: float = 0.0
+    cutmix: float = 0.0
+    smoothing: float = 0.0
+    ema_decay: Optional[float] = None
+    linear_probe: bool = False
+    arch: Union[str, dict, None] = None  # a size name or {"depths": [...], "dims": [...]}
+    in_chans: Optional[int] = None
+    input_size: Optional[int] = None
+    crop_pct: Optional[float] = None
+    classes: Optional[list] = None
+
+    @classmethod
+    def from_config(cls, resolved, classes):
+        """From a run's resolved configuration (keys named as the flags: model for arch)."""
+        own = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in resolved.items() if k in own}, arch=resolved["model"], classes=list(classes))
 
 
 class FinetuneModule(StepSchedule, L.LightningModule):
-    def __init__(self, model, lr=1e-3, min_lr=1e-6, warmup_epochs=0, weight_decay=0.05, layer_decay=1.0,
-                 layer_decay_type="single", mixup=0.0, cutmix=0.0, smoothing=0.0, ema_decay=None,
-                 linear_probe=False, **record):
-        """`model`: a dense ConvNeXtV2, already holding its pre-trained weights. `ema_decay`
-        None: no EMA. `record`: facts kept in the checkpoint's hyper_parameters for `fcmae eval`
-        (model size, classes, input size)."""
+    def __init__(self, model, *, config=None, **settings):
+        """`model`: a dense ConvNeXtV2, already holding its pre-trained weights. `settings`:
+        FinetuneSettings' fields by keyword (a checkpoint's hyper_parameters are these and
+        `config`, the run's resolved configuration, kept for the record)."""
         super().__init__()
-        self.save_hyperparameters(ignore=["model"])
+        s = FinetuneSettings(**settings)
+        self.save_hyperparameters({**asdict(s), "config": config})
+        ema_decay, linear_probe, mixup, cutmix, smoothing = s.ema_decay, s.linear_probe, s.mixup, s.cutmix, s.smoothing
         self.model = model
         self.no_weight_decay = no_weight_decay(model)  # before a sharding strategy flattens the parameters
         self.linear_probe = linear_probe
@@ -70,12 +103,13 @@ class FinetuneModule(StepSchedule, L.LightningModule):
         return self.model.head(self.feature_bn(features))
 
     def training_step(self, batch, batch_idx):
-        x, y = batch[0], batch[1]  # batch[2]: files skipped (SkippedFiles counts them)
+        x, y = batch.image, batch.label  # fcmae.data.labelled.Labelled; SkippedFiles counts batch.skipped
         if self.mixup is not None:
             x, y = self.mixup(x, y)
         loss = self.criterion(self(x), y)
-        self.log("train/loss", loss, prog_bar=True)
-        self.log("lr", max(g["lr"] for g in self.optimizers().param_groups))  # the head's lr
+        if writes_logs(self.trainer):  # values reach the host only every --log-every steps
+            self.log("train/loss", loss)
+            self.log("lr", max(g["lr"] for g in self.optimizers().param_groups))  # the head's lr
         return loss
 
     def validation_step(self, batch, batch_idx):
@@ -112,7 +146,7 @@ class FinetuneModule(StepSchedule, L.LightningModule):
             groups = param_groups(self.model, hp.weight_decay, self.no_weight_decay,
                                   lr_scale=lambda name: layer_decay.lr_scale(name, depths, hp.layer_decay,
                                                                              hp.layer_decay_type))
-            optimizer = torch.optim.AdamW(groups, lr=hp.lr)
+            optimizer = adamw(groups, self.device, lr=hp.lr)
         # Per-step cosine after a linear warmup from 0, as the release's schedule; each group's
         # lr_scale (layer decay) multiplies it.
         return {"optimizer": optimizer, "lr_scheduler": self.lr_schedule(optimizer, hp.warmup_epochs, hp.min_lr)}

@@ -2,12 +2,10 @@
 as a PNG with the class names on its axes) and the run's curves from metrics.jsonl (train and
 val loss, val top-1 of the raw weights and the EMA, lr, per epoch). Written by `fcmae finetune`
 at the end of a run and by `fcmae eval`."""
-import json
-from pathlib import Path
-
 import torch
 
 from fcmae.files import save_figure
+from fcmae.rundir import read_metrics
 
 
 def confusion_update(cm, logits, y):
@@ -76,16 +74,6 @@ def plot_confusion(cm, classes, path, title="confusion matrix"):
     path = save_figure(fig, path, dpi=100)
     plt.close(fig)
     return path
-
-
-def read_metrics(path):
-    """The rows of a metrics.jsonl, the last one per epoch (a resumed run may repeat an epoch)."""
-    rows = {}
-    for line in Path(path).read_text().splitlines():
-        if line.strip():
-            row = json.loads(line)
-            rows[row["epoch"]] = row
-    return [rows[e] for e in sorted(rows)]
 
 
 def plot_curves(metrics, path):

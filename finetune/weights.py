@@ -9,7 +9,7 @@ import torch
 from timm.layers import trunc_normal_
 
 from fcmae.checkpoints import KINDS, read_weights, size_name
-from fcmae.errors import UserError
+from fcmae.errors import SettingError
 
 __all__ = ["load_pretrained"]
 
@@ -32,24 +32,24 @@ def load_pretrained(model, path, trust=False):
     state = dict(weights.state)
     own = model.state_dict()
     name = size_name(model.depths, model.dims) or f"{{depths: {list(model.depths)}, dims: {list(model.dims)}}}"
-    size = f"--model {name} --in-chans {model.in_chans}"
+    size = f"`model` {name} `in_chans` {model.in_chans}"
     dropped = []
     for k in HEAD:
         if k in state and k in own and state[k].shape != own[k].shape:
             dropped.append(f"{k} {_shape(state.pop(k))}")
     for k in own:  # in the model's order: the stem's weight first
         if k in state and state[k].shape != own[k].shape:
-            raise UserError(f"--pretrained {path} does not fit {size}: {k} is {_shape(state[k])} in the file but "
-                            f"{_shape(own[k])} in the model: pass the --model and --in-chans it was trained with")
+            raise SettingError(f"`pretrained` {path} does not fit {size}: {k} is {_shape(state[k])} in the file but "
+                               f"{_shape(own[k])} in the model: pass the `model` and `in_chans` it was trained with")
     unexpected = sorted(k for k in state if k not in own)
     missing = sorted(k for k in own if k not in state)
     trunk_missing = [k for k in missing if not k.startswith(("norm.", "head."))]
     if unexpected or trunk_missing:
         k = (unexpected or trunk_missing)[0]
         where = "in the file but not in the model" if unexpected else "in the model but not in the file"
-        raise UserError(f"--pretrained {path} does not fit {size}: {k} is {where} "
-                        f"({len(unexpected)} unexpected, {len(trunk_missing)} missing trunk tensors): "
-                        f"pass the --model it was trained with")
+        raise SettingError(f"`pretrained` {path} does not fit {size}: {k} is {where} "
+                           f"({len(unexpected)} unexpected, {len(trunk_missing)} missing trunk tensors): "
+                           f"pass the `model` it was trained with")
     model.load_state_dict(state, strict=False)
     if "head.weight" not in state:
         trunc_normal_(model.head.weight, std=2e-5)

@@ -12,7 +12,7 @@ warnings.filterwarnings("ignore", message="The MinkowskiEngine was compiled with
 
 @pytest.fixture(scope="session", autouse=True)
 def _listing_cache(tmp_path_factory):
-    """File listings are cached under $XDG_CACHE_HOME (fcmae.filelist.default_cache): a fresh one
+    """File listings are cached under $XDG_CACHE_HOME (fcmae.data.filelist.default_cache): a fresh one
     for the test session (child processes inherit it), not the user's ~/.cache."""
     import os
     previous = os.environ.get("XDG_CACHE_HOME")

@@ -9,9 +9,8 @@ import pathlib
 import pytest
 import timm
 import torch
-from helpers import TINY, randomize_
+from helpers import TINY, randomize_, release_checkpoint
 from safetensors import safe_open
-from test_convert import release_checkpoint
 
 import fcmae.checkpoints
 from fcmae import FCMAE

@@ -1,22 +1,45 @@
-"""No import cycle between our modules, and every module imports on its own, first, in a fresh
-interpreter (an import cycle that only bites in one order shows up here)."""
+"""The layering of our modules, and that every module imports on its own, first, in a fresh
+interpreter (an import cycle that only bites in one order shows up there).
+
+The layers: the library (the core, fcmae/data, fcmae/training, ...), task packages beside it
+(TASKS: classification, and the next task's), and commands on top (fcmae/commands/, one module
+per subcommand), which only fcmae/cli.py imports."""
 import ast
 import json
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = {"fcmae": "fcmae", "encoders": "fcmae.encoders", "decoders": "fcmae.decoders", "finetune": "fcmae.finetune"}
+# pyproject's package-dir: {folder: package} of everything we install (a new package is covered
+# as soon as it is declared there).
+PACKAGES = {folder: package for package, folder in
+            tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-dir"].items()
+            if package != "fcmae.configs"}
+# Task packages: the run layer serves them, the library never imports them. Add the next one here.
+TASKS = ("fcmae.finetune", "fcmae.segment")
+COMMANDS = "fcmae.commands"
 
 
 def modules():
-    """{module name: source path} of every module we install (pyproject's package-dir)."""
+    """{module name: source path} of every module we install, subpackages included."""
     found = {}
     for folder, package in PACKAGES.items():
-        for path in sorted((ROOT / folder).glob("*.py")):
-            found[package if path.stem == "__init__" else f"{package}.{path.stem}"] = path
+        for path in sorted((ROOT / folder).rglob("*.py")):
+            rel = path.relative_to(ROOT / folder).with_suffix("")
+            parts = [package, *rel.parts[:-1]] + ([] if rel.name == "__init__" else [rel.name])
+            found[".".join(parts)] = path
     return found
+
+
+def graph():
+    known = modules()
+    return {name: imports(name, path, known) for name, path in known.items()}
+
+
+def within(module, package):
+    return module == package or module.startswith(package + ".")
 
 
 def imports(name, path, known):
@@ -40,7 +63,7 @@ def imports(name, path, known):
             # __init__ is not an edge of its submodules (Python imports it first anyway)
             while t and t not in known:
                 t = t.rpartition(".")[0]
-            if t and t != name and not (t in PACKAGES.values() and name.startswith(t + ".")):
+            if t and t != name and not (name.startswith(t + ".") and known[t].stem == "__init__"):
                 out.add(t)
     return out
 
@@ -67,11 +90,34 @@ def find_cycle(graph):
 
 
 def test_no_import_cycle():
-    known = modules()
-    graph = {name: imports(name, path, known) for name, path in known.items()}
-    assert "fcmae.masking" in graph and "fcmae.encoders.backends" in graph
-    assert not any(m.startswith("fcmae.encoders") for m in graph["fcmae.masking"]), "masking must not import the encoders"
-    assert find_cycle(graph) is None, " -> ".join(find_cycle(graph))
+    g = graph()
+    assert "fcmae.masking" in g and "fcmae.encoders.backends" in g and "fcmae.data.reading" in g
+    assert not any(m.startswith("fcmae.encoders") for m in g["fcmae.masking"]), "masking must not import the encoders"
+    assert find_cycle(g) is None, " -> ".join(find_cycle(g))
+
+
+def test_only_the_cli_imports_commands_and_no_command_another():
+    g = graph()
+    commands = {m for m in g if within(m, COMMANDS) and m != COMMANDS}
+    assert {"fcmae.commands.pretrain", "fcmae.commands.finetune", "fcmae.commands.eval"} <= commands
+    for name, targets in g.items():
+        imported = {t for t in targets if t in commands}
+        if name == "fcmae.cli":
+            continue
+        assert not imported, f"{name} imports the command module(s) {sorted(imported)}: only fcmae/cli.py may"
+    import fcmae.cli
+    assert {module for module, _ in fcmae.cli.COMMANDS.values()} == commands  # every command, registered
+
+
+def test_the_library_imports_no_task_package():
+    g = graph()
+    assert "fcmae.finetune.task" in g
+    for name, targets in g.items():
+        if within(name, COMMANDS) or name == "fcmae.cli":
+            continue  # commands sit on top: they may use any task
+        own = next((task for task in TASKS if within(name, task)), None)
+        wrong = sorted(t for t in targets for task in TASKS if within(t, task) and task != own)
+        assert not wrong, f"{name} imports {wrong}: a library module (or another task) must not import a task package"
 
 
 IMPORT_EACH = """

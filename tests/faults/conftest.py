@@ -31,7 +31,8 @@ def _one_thread(one_thread):
 @pytest.fixture
 def fcmae(capsys):
     """fcmae(*argv) -> (exit code, stderr): the `fcmae` command in this process."""
-    from fcmae.cli import main, recipe_path
+    from fcmae.cli import main
+    from fcmae.training.flags import recipe_path
 
     def run(*argv):
         argv = [recipe_path("finetune", "atto") if a == "__ATTO__" else str(a) for a in argv]
@@ -56,8 +57,8 @@ def error_line(err):
 @pytest.fixture
 def pretrain_cfg():
     """pretrain_cfg(*args): parsed `fcmae pretrain PRETRAIN args` (the atto recipe first)."""
-    from fcmae.cli import with_recipe
-    from fcmae.pretrain import DEFAULT_MODEL, build_parser
+    from fcmae.commands.pretrain import DEFAULT_MODEL, build_parser
+    from fcmae.training.flags import with_recipe
     return lambda *args: build_parser().parse_args(with_recipe("pretrain", [*PRETRAIN, *map(str, args)], DEFAULT_MODEL))
 
 

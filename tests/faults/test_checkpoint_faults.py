@@ -17,9 +17,9 @@ import pytest
 import torch
 from helpers import warmup_cosine
 
-from fcmae.callbacks import AtomicCheckpointIO
+from fcmae.commands.pretrain import fit
 from fcmae.model import FCMAE
-from fcmae.pretrain import fit
+from fcmae.training.callbacks import AtomicCheckpointIO
 
 from .conftest import FINETUNE, PRETRAIN, checkpoint_step, error_line, labeled_folder, run_command
 
@@ -29,8 +29,8 @@ pytestmark = pytest.mark.faults
 @pytest.fixture(scope="module")
 def real_checkpoint(tmp_path_factory):
     """A last.ckpt of a 2-step tiny run, as `fcmae pretrain` writes it."""
-    from fcmae.cli import with_recipe
-    from fcmae.pretrain import build_parser
+    from fcmae.commands.pretrain import build_parser
+    from fcmae.training.flags import with_recipe
     out = tmp_path_factory.mktemp("run")
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -127,8 +127,8 @@ def test_a_checkpoint_that_would_run_code_is_refused_before_it_runs(fcmae, tmp_p
 @pytest.fixture(scope="module")
 def finetune_checkpoint(tmp_path_factory):
     """A last.ckpt of a 2-step tiny fine-tuning run with its EMA, as `fcmae finetune` writes it."""
-    from fcmae.cli import recipe_path
-    from fcmae.finetune.cli import build_parser, train
+    from fcmae.commands.finetune import build_parser, train
+    from fcmae.training.flags import recipe_path
     out = tmp_path_factory.mktemp("ft")
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -159,7 +159,7 @@ def test_our_lightning_checkpoints_load_without_unsafe_unpickling(real_checkpoin
 
 SLOW_SAVE = textwrap.dedent("""
     import sys, time, torch
-    from fcmae.callbacks import AtomicCheckpointIO
+    from fcmae.training.callbacks import AtomicCheckpointIO
 
     class SlowFile:  # a slow disk: each write of torch.save's takes a while
         def __init__(self, f):
@@ -350,7 +350,40 @@ def test_keep_checkpoints_keeps_the_latest_k_and_removes_only_after_the_new_one_
     assert seen == [(names[i], names[i:i + 3]) for i in range(3)]  # the oldest goes once a third is written
     assert checkpoint_step(run / "checkpoints" / names[-1]) == 10
     size = (run / "checkpoints" / "last.ckpt").stat().st_size
-    out = capsys.readouterr().out.replace("\r", "\n")  # the progress bar's lines end in \r
+    out = capsys.readouterr().out
     lines = [line for line in out.splitlines() if line.startswith("checkpoint size:")]
     assert lines == [f"checkpoint size: {size / 1e6:.1f} MB (last.ckpt); with the latest 2 periodic step*.ckpt "
                      f"kept: up to {3 * size / 1e6:.1f} MB"]
+
+
+def test_an_unreadable_last_ckpt_resumes_from_the_newest_readable_checkpoint(tmp_path, pretrain_cfg, capsys):
+    """A last.ckpt cut short (and the newest step*.ckpt too): the rerun resumes from the newest
+    readable step*.ckpt, says which and what it costs, and trains on to the end; with no readable
+    checkpoint at all it is one line."""
+    from .conftest import write_images
+    data, run = write_images(tmp_path / "data", 8, size=64), tmp_path / "run"
+    args = ["--data", data, "--epochs", "5", "--save-every-epochs", "1", "--keep-checkpoints", "3"]
+    fit(pretrain_cfg(*args, "--max-steps", "6", "--output", run))  # 2 steps per epoch: step 2, 4, 6 kept
+    folder = run / "checkpoints"
+    for name in ("last.ckpt", "step0000006.ckpt"):
+        data_bytes = (folder / name).read_bytes()
+        (folder / name).write_bytes(data_bytes[: len(data_bytes) // 2])
+    capsys.readouterr()
+    trainer, resumed = fit(pretrain_cfg(*args, "--max-steps", "8", "--output", run))
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("cannot read")]
+    assert len(lines) == 1 and lines[0].startswith(f"cannot read {folder / 'last.ckpt'} (")
+    assert lines[0].endswith(f": resuming from {folder / 'step0000004.ckpt'}, the newest readable checkpoint of the "
+                             f"run (step 4); the run had reached step 6, so 2 steps (5-6) are trained again")
+    assert trainer.global_step == 8 and checkpoint_step(folder / "last.ckpt") == 8
+    start = torch.load(folder / "step0000004.ckpt", weights_only=True)["state_dict"]
+    trained = resumed.state_dict()
+    assert max((trained[k] - start[k]).abs().max().item() for k in start) > 1e-5  # it trained on from there
+
+    for path in folder.glob("*.ckpt"):
+        path.write_bytes(path.read_bytes()[:1000])
+    from fcmae.cli import main
+    with pytest.raises(SystemExit) as exit:
+        main(["pretrain", *PRETRAIN, *map(str, args), "--max-steps", "10", "--output", str(run)])
+    line = error_line(capsys.readouterr().err)
+    assert exit.value.code == 2 and f"cannot read {folder / 'last.ckpt'}" in line
+    assert line.endswith(f"(no other checkpoint in {folder} is readable either)")

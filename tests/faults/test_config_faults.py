@@ -40,7 +40,7 @@ def one_line(err):
     (["--in-chans", "2", "--data", "demo"], "--data demo makes RGB or grayscale images, not 2 channels"),
 ])
 def test_pretrain_options(fcmae, tmp_path, args, expected):
-    from fcmae.cli import recipe_path
+    from fcmae.training.flags import recipe_path
     write_images(tmp_path / "images", 2)
     (tmp_path / "arrays").mkdir()
     np.save(tmp_path / "arrays" / "a.npy", np.zeros((5, 48, 48), np.float32))

@@ -8,8 +8,8 @@ import zlib
 
 import pytest
 
-from fcmae.data import SKIPPED_FILES_ENV, BadFile, load_image
-from fcmae.finetune import data as ft_data
+from fcmae.data import labelled as ft_data, transforms
+from fcmae.data.reading import SKIPPED_FILES_ENV, BadFile, load_image
 
 from .conftest import FINETUNE, PRETRAIN, error_line, labeled_folder, run_command, write_images
 
@@ -59,7 +59,7 @@ def test_pretrain_skips_a_bomb_and_lists_it_with_warnings_ignored(tmp_path):
 def test_finetuning_skips_a_bomb_and_lists_it(tmp_path, fcmae):
     root = labeled_folder(tmp_path / "d", per_class=(3, 1))
     bomb_png(root / "train" / "a" / "001_bomb.png")
-    train = ft_data.image_folder(root, "train", ft_data.eval_transform(64))
+    train = ft_data.image_folder(root, "train", transforms.eval_transform(64))
     i = [path.name for path in train.paths].index("001_bomb.png")
     with pytest.warns(UserWarning, match="001_bomb.png"):
         _, _, skipped = train[i]  # the bomb: the next image stands in
@@ -110,7 +110,7 @@ def test_a_very_large_jpeg_is_decoded_reduced(tmp_path, monkeypatch):
     import numpy as np
     from PIL import Image
 
-    import fcmae.data as fdata
+    import fcmae.data.reading as fdata
     monkeypatch.setattr(fdata, "DRAFT_SIDE", 64)
     rng = np.random.default_rng(0)
     for (w, h), expected in (((300, 260), (75, 65)), ((120, 300), (120, 300))):

@@ -26,8 +26,8 @@ ARGS[ARGS.index("--ckpt-every") + 1] = "1000"
 
 
 def shown_step(log):
-    """The last optimizer step the progress bar printed (its batch count; accumulate is 1)."""
-    counts = re.findall(rb"\| *(\d+)/\d+ \[", log.read_bytes()) if log.exists() else []
+    """The last optimizer step the progress lines printed (stdout is a file: one line a step)."""
+    counts = re.findall(rb"^step (\d+)/", log.read_bytes(), re.M) if log.exists() else []
     return int(counts[-1]) if counts else 0
 
 
@@ -70,7 +70,8 @@ def test_sigterm_mid_run_saves_the_step_reached_and_the_rerun_ends_as_if_uninter
         assert rerun.wait(timeout=120) == 0, (tmp_path / "second.log").read_text()[-3000:]
     resumed = torch.load(last, weights_only=False)
     assert resumed["global_step"] == STEPS and (run / "encoder.safetensors").is_file()
-    from fcmae.pretrain import fit
+    from fcmae.commands.pretrain import fit
+
     # In this process, without loader workers: the views and masks do not depend on them.
     _, straight = fit(pretrain_cfg("--max-steps", STEPS, "--output", tmp_path / "straight"))
     expected = straight.state_dict()
@@ -176,7 +177,7 @@ def test_resuming_on_two_devices_keeps_the_effective_batch_and_the_schedule(tmp_
     on from step 2 and, each step training on the same samples, ends where 4 steps on 1 device do."""
     import yaml
 
-    from fcmae.pretrain import fit
+    from fcmae.commands.pretrain import fit
     run = tmp_path / "run"
     args = ["--accumulate", "2", "--log-every", "1", "--output", run]
     fit(pretrain_cfg(*args, "--max-steps", "2"))
@@ -200,7 +201,7 @@ def test_resuming_on_two_devices_keeps_the_effective_batch_and_the_schedule(tmp_
 
 
 def test_resuming_on_a_device_count_that_cannot_keep_the_effective_batch_is_one_line(tmp_path, pretrain_cfg, fcmae):
-    from fcmae.pretrain import fit
+    from fcmae.commands.pretrain import fit
     run = tmp_path / "run"
     fit(pretrain_cfg("--max-steps", "1", "--output", run))  # effective batch 4
     code, err = fcmae("pretrain", *PRETRAIN, "--batch-size", "3", "--max-steps", "2", "--dry-run", "--output", run)
@@ -211,7 +212,7 @@ def test_resuming_on_a_device_count_that_cannot_keep_the_effective_batch_is_one_
 
 
 def test_sigterm_stops_finetuning_with_last_ckpt_and_no_classifier(tmp_path):
-    from fcmae.cli import recipe_path
+    from fcmae.training.flags import recipe_path
 
     from .conftest import FINETUNE, labeled_folder
     data, run, log = labeled_folder(tmp_path / "data", per_class=(12, 1)), tmp_path / "run", tmp_path / "ft.log"
