@@ -54,7 +54,7 @@ from fcmae.encoders.convnextv2 import size_config
 from fcmae.errors import UserError
 from fcmae.files import write_atomic
 from fcmae.listflags import list_flags, list_words
-from fcmae.masking import PATCH_SIZE, check_input_size, check_mask_ratio, random_mask
+from fcmae.masking import PATCH_SIZE, check_input_size, check_mask_ratio, num_visible, random_mask
 from fcmae.precision import ALIASES, DTYPES, PRECISIONS, resolve_precision, use_tf32
 
 DEFAULT_MODEL = "tiny"
@@ -167,6 +167,7 @@ class Stepper:
         from fcmae.model import FCMAE  # heavy imports only when running
 
         self.device = device
+        self.mask_ratio = cfg.mask_ratio[0]  # of the masks being timed (`time_ratio` sets it)
         self.dtype = DTYPES[resolve_precision(cfg.precision)]
         self.model = FCMAE(cfg.model, backend="dense", in_chans=cfg.in_chans, img_size=cfg.input_size,
                            mask_ratio=cfg.mask_ratio[0]).to(device)
@@ -190,8 +191,9 @@ class Stepper:
         _sync(self.device)
         t0 = time.perf_counter()
         self.optimizer.zero_grad(set_to_none=True)
+        visible = num_visible(mask[0].numel(), self.mask_ratio)  # the masks' count, as training passes it: no sync
         with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype is not None):
-            loss, _, _ = self.forward(imgs, mask)
+            loss, _, _ = self.forward(imgs, mask, visible)
         if self.scaler is not None:
             self.scaler.scale(loss).backward()
         else:
@@ -290,6 +292,7 @@ def time_ratio(cfg, stepper, imgs, ratio, backends, skipped, gen):
     grid = cfg.input_size // PATCH_SIZE
     masks = [random_mask(cfg.batch_size, grid, grid, ratio, generator=gen).to(imgs.device)
              for _ in range(cfg.warmup + cfg.steps)]
+    stepper.mask_ratio = ratio
     times, opt_times, decoder_times = {b: [] for b in backends}, {b: [] for b in backends}, []
     for b in list(backends):
         for k in range(cfg.warmup):
