@@ -11,12 +11,43 @@ DTYPES = {"32": None, "bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}
 ALIASES = {"fp32": "32", "bf16": "bf16-mixed", "fp16": "16-mixed"}
 
 
-def resolve_precision(precision):
-    """`auto` -> bf16-mixed on GPUs that support it, else 32; an alias -> its name; others pass through."""
+# CPU feature flags (Linux /proc/cpuinfo names) of bf16 matrix products in hardware: AMX tiles
+# (Sapphire Rapids on) and AVX-512 BF16 dot products (Cooper Lake, Zen 4 on). Without either,
+# oneDNN emulates bf16 with float32 arithmetic plus conversions: no faster than float32.
+CPU_BF16_FLAGS = ("amx_bf16", "avx512_bf16")
+
+
+def cpu_flags(cpuinfo="/proc/cpuinfo"):
+    """The CPU's feature flags as the kernel lists them; empty where there is no such file."""
+    try:
+        with open(cpuinfo) as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return frozenset(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return frozenset()
+
+
+def auto_precision(accelerator="auto"):
+    """What `auto` picks, and why (one phrase): bf16-mixed on a GPU that supports it; on the CPU,
+    bf16-mixed only where it has bf16 matrix products in hardware (`CPU_BF16_FLAGS`), else 32."""
+    if accelerator != "cpu" and torch.cuda.is_available():
+        if torch.cuda.is_bf16_supported():
+            return "bf16-mixed", "the GPU computes in bf16"
+        return "32", "the GPU has no bf16"
+    found = [flag for flag in CPU_BF16_FLAGS if flag in cpu_flags()]
+    if found:
+        return "bf16-mixed", f"the CPU has {' and '.join(found)} (bf16 matrix products in hardware)"
+    return "32", "the CPU has neither AMX nor AVX-512 BF16, so bf16 would be emulated, no faster than float32"
+
+
+def resolve_precision(precision, accelerator="auto"):
+    """`auto` -> `auto_precision(accelerator)`'s pick; an alias -> its name; others pass through."""
     precision = ALIASES.get(str(precision), str(precision))
     if precision != "auto":
         return precision
-    return "bf16-mixed" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "32"
+    return auto_precision(accelerator)[0]
 
 
 def autocast(device, precision):

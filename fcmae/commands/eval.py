@@ -69,7 +69,7 @@ def evaluate(cfg):
     classifier = ConvNeXtV2(model, in_chans, num_classes)
     classifier.load_state_dict(weights.state)
     trainer = hardware_trainer(cfg, logger=False, enable_checkpointing=False,
-                               precision=resolve_precision(cfg.precision))
+                               precision=resolve_precision(cfg.precision, cfg.accelerator))
     module = ConfusionEval(classifier, num_classes)
     metrics = trainer.validate(module, loader(val, cfg.batch_size, cfg.workers, train=False), verbose=False)[0]
     out = {"top1": metrics["val/top1"], "top5": metrics["val/top5"], "loss": metrics["val/loss"], "images": len(val)}
