@@ -14,13 +14,14 @@ products (mm, addmm, bmm, linear, other convolutions); gather/scatter and layout
 ops, copies, fills, padding); norms and elementwise (everything else that computes). Python and
 dispatch time outside any operator is `other`. It also counts the matrix products' FLOPs from
 their shapes, so the achieved fraction of the machine's own matrix-product rate
-(`fcmae.hardware.matmul_rate`, measured in the same run) can be read off.
+(`matmul_rate`, measured in the same run) can be read off.
 
 A sync makes a CUDA host wait until the device has caught up: the host stops queueing work
 ahead, and CUDA graphs and `torch.compile` graphs break there. On CPU the same ops are counted
 as the profiler's operator events (`SYNC_OPS`), so a CPU run shows what would block a CUDA host;
 on CUDA, `torch.cuda.set_sync_debug_mode("warn")` names every one (scripts/gpu_check.py).
 """
+import time
 import warnings
 from collections import Counter
 
@@ -150,8 +151,6 @@ def conv_flops(event):
 def step_breakdown(step, repeats=1):
     """Run `step()` `repeats` times under the profiler -> {"seconds": {kind: s per step}, "wall_s",
     "matmul_flop" (per step, from shapes), "copies" (copy_ calls per step)}."""
-    import time
-
     with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
         start = time.perf_counter()
         for _ in range(repeats):
@@ -179,6 +178,24 @@ def count_syncs(fn):
         fn()
     counts = Counter(e.name for e in prof.events() if e.name in SYNC_OPS)
     return {name: counts.get(name, 0) for name in SYNC_OPS}
+
+
+def matmul_rate(dtype=torch.float32, n=2048, device="cpu", repeats=3):
+    """FLOP/s of an n x n x n matrix product here and now (best of `repeats`, after one warm-up):
+    the ceiling a step's matrix products are compared with."""
+    a = torch.randn(n, n, device=device).to(dtype)
+    b = torch.randn(n, n, device=device).to(dtype)
+    best = float("inf")
+    for i in range(repeats + 1):
+        if device != "cpu":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        a @ b
+        if device != "cpu":
+            torch.cuda.synchronize(device)
+        if i:
+            best = min(best, time.perf_counter() - start)
+    return 2 * n ** 3 / best
 
 
 def format_breakdown(breakdown, rate=None, step_flop=None):

@@ -9,7 +9,8 @@ Each part runs in a process of its own under its own time limit, so a part that 
 a part that cannot run here, or is not started by `--budget` seconds, is recorded as `not_run`. The JSON is rewritten after
 every part. Parts (`PARTS`):
 
-- bench_tiny, bench_base: `fcmae bench` in bf16 with every backend that runs here; *_compile: with --compile.
+- bench_tiny, bench_base: `fcmae bench` in bf16 with every backend that runs here; *_compile: with --compile on
+  (every backend compiled: what `--compile auto` should pick on CUDA).
 - pretrain: 100 steps of `fcmae pretrain --precision bf16-mixed` on the demo data: images/s, loss.
 - segment: 20 steps of `fcmae segment` on generated images and masks, where the command exists.
 - syncs: host-device syncs per training step through Lightning (fcmae.profiling.StepSyncs), 20
@@ -50,7 +51,7 @@ def bench(model, compile_=False):
         else:
             size = ["--model", "atto", "--input-size", "64", "--batch-size", "2", "--steps", "1", "--warmup", "0",
                     "--no-memory"]
-        args = [*size, "--precision", "bf16", *(["--compile"] if compile_ else []), "--json", str(tmp / "bench.json")]
+        args = [*size, "--precision", "bf16", *(["--compile", "on"] if compile_ else []), "--json", str(tmp / "bench.json")]
         result = fcmae_bench.run_bench(fcmae_bench.build_parser().parse_args(args))
         keep = ("backend", "images_per_s", "step_s", "ratio_to_dense", "peak_memory_mb", "gflop_per_s")
         return {"args": args[:-2], "rows": [{k: r[k] for k in keep} for r in result["results"]],

@@ -36,8 +36,8 @@ def one_thread(monkeypatch):
 
 @pytest.fixture(autouse=True)
 def _float32_cpu(monkeypatch):
-    """`--precision auto` on the CPU sees no AMX or AVX-512 BF16 (fcmae.precision.cpu_flags), so
+    """`--precision auto` on the CPU sees no AMX or AVX-512 BF16 (fcmae.precision.cpu_bf16_units), so
     every run with the default precision computes in float32 whatever CPU runs the suite; the
     tests of the choice (tests/test_precision.py) give the flags they test."""
     import fcmae.precision
-    monkeypatch.setattr(fcmae.precision, "cpu_flags", lambda cpuinfo=None: frozenset())
+    monkeypatch.setattr(fcmae.precision, "cpu_bf16_units", lambda: ())

@@ -4,7 +4,8 @@ prints about it."""
 import pytest
 
 from fcmae import precision
-from fcmae.precision import cpu_flags as read_cpu_flags  # the real one (conftest pins precision.cpu_flags)
+# the real functions (tests/conftest.py pins precision.cpu_bf16_units)
+from fcmae.precision import cpu_bf16_units as read_bf16_units, cpu_flags as read_cpu_flags
 from helpers import PRETRAIN_TINY, parse_pretrain
 
 
@@ -12,7 +13,7 @@ from helpers import PRETRAIN_TINY, parse_pretrain
 def cpu(monkeypatch):
     """Set the CPU's flags; no GPU visible."""
     monkeypatch.setattr(precision.torch.cuda, "is_available", lambda: False)
-    return lambda *flags: monkeypatch.setattr(precision, "cpu_flags", lambda cpuinfo=None: frozenset(flags))
+    return lambda *flags: monkeypatch.setattr(precision, "cpu_bf16_units", lambda: read_bf16_units(flags))
 
 
 @pytest.mark.parametrize("flags, picked", [
@@ -43,6 +44,14 @@ def test_cpu_flags_read_from_cpuinfo(tmp_path):
     info.write_text("processor\t: 0\nmodel name\t: X\nflags\t\t: fpu avx512f amx_bf16 amx_tile\n\nprocessor\t: 1\n")
     assert read_cpu_flags(info) == {"fpu", "avx512f", "amx_bf16", "amx_tile"}
     assert read_cpu_flags(tmp_path / "missing") == frozenset()
+
+
+def test_bf16_units_from_flags_else_from_torchs_capability():
+    assert read_bf16_units({"avx512f", "avx512_bf16", "amx_bf16", "amx_tile"}) == ("amx_bf16", "avx512_bf16")
+    assert read_bf16_units({"avx512f", "avx2"}) == ()
+    # where /proc/cpuinfo cannot be read, torch's own CPU capability decides
+    assert read_bf16_units(set(), capability="AVX512") == ()
+    assert read_bf16_units(set(), capability="AMX_BF16") == ("amx_bf16",)
 
 
 def test_a_run_says_what_auto_picked(cpu, tmp_path, capsys):

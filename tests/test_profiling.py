@@ -1,11 +1,11 @@
-"""The step breakdown by kind of work (fcmae.profiling) and the machine facts (fcmae.hardware):
-each kind gets the operators that are its own, the shares add up to the step, the matrix FLOPs
-are counted from shapes; bf16 units are read from the CPU's flags."""
+"""The step breakdown by kind of work (fcmae.profiling): each kind gets the operators that are
+its own, the shares add up to the step, the matrix FLOPs are counted from shapes; the machine's
+own matrix-product rate is a rate."""
 import pytest
 import torch
 import torch.nn.functional as F
 
-from fcmae import hardware, profiling
+from fcmae import profiling
 from fcmae.encoders.depthwise import DepthwiseConv2d
 
 
@@ -58,24 +58,6 @@ def test_count_syncs_sees_reads_and_nonzero():
     assert sum(profiling.count_syncs(lambda: (x * 2).sum()).values()) == 0
 
 
-def test_bf16_units_from_flags():
-    assert hardware.cpu_bf16_units({"avx512f", "avx512_bf16", "amx_bf16", "amx_tile"}) == ("amx_bf16", "avx512_bf16")
-    assert hardware.cpu_bf16_units({"avx512f", "avx2"}) == ()
-    assert hardware.bf16_pays_off("cpu", flags={"avx512f"}) == (
-        False, "CPU has neither AMX-BF16 nor AVX512-BF16: bf16 is computed through float32 and is slower")
-    assert hardware.bf16_pays_off("cpu", flags={"amx_bf16"})[0]
-    # where /proc/cpuinfo cannot be read, torch's own CPU capability decides
-    assert hardware.cpu_bf16_units(set(), capability="AVX512") == ()
-    assert hardware.cpu_bf16_units(set(), capability="AMX_BF16") == ("amx_bf16",)
-
-
-def test_this_machines_flags_are_read(tmp_path):
-    info = tmp_path / "cpuinfo"
-    info.write_text("processor\t: 0\nflags\t\t: fpu avx512f avx512_bf16\n")
-    assert hardware.cpu_flags(str(info)) == {"fpu", "avx512f", "avx512_bf16"}
-    assert hardware.cpu_flags(str(tmp_path / "missing")) == set()
-
-
 def test_matmul_rate_is_a_rate():
-    rate = hardware.matmul_rate(n=256, repeats=1)
+    rate = profiling.matmul_rate(n=256, repeats=1)
     assert 1e8 < rate < 1e14
