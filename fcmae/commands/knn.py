@@ -59,7 +59,7 @@ def knn(cfg):
     train, val, classes = labelled_sets(cfg.data, input_size, encoder.in_chans, cfg.val_split, cfg.max_train,
                                         cfg.seed)
     device = pick_device(cfg.device)
-    precision = resolve_precision(cfg.precision, "cpu" if device.type == "cpu" else "auto")
+    precision = resolve_precision(cfg.precision, "cpu" if device == "cpu" else "auto")
     result = knn_evaluate(encoder.to(device), train, val, len(classes), cfg.k, cfg.temperature, device, precision,
                           cfg.batch_size, cfg.workers)
     print(f"kNN (k={cfg.k}, T={cfg.temperature}) {name}: top-1 {result['top1']:.2f}%  top-5 {result['top5']:.2f}%  "
