@@ -101,9 +101,27 @@ def runs(tmp_path_factory):
         torch.set_num_threads(threads)
 
 
+# Settings added to the resolved configuration since 4359032, on purpose: a run of that layout
+# lacks them and resumes with their defaults (the next test).
+ADDED_SETTINGS = {"channels_last",  # --channels-last
+                  "world_size"}  # fine-tuning records its device count, as pre-training does
+
+
+def without_added_settings(found, expected):
+    """`found` with ADDED_SETTINGS taken out of every list of configuration keys the fixture lacks them in."""
+    for run, info in found.items():
+        for name, entry in info.items():
+            old = expected.get(run, {}).get(name)
+            if name == "config.yaml" and isinstance(old, list):
+                info[name] = [k for k in entry if k in old or k not in ADDED_SETTINGS]
+            elif isinstance(entry, dict) and isinstance(entry.get("config"), list) and isinstance(old, dict):
+                entry["config"] = [k for k in entry["config"] if k in old.get("config", []) or k not in ADDED_SETTINGS]
+    return found
+
+
 def test_run_directories_keep_the_layout_of_4359032(runs):
     expected = json.loads(FIXTURE.read_text())
-    found = layout(runs)
+    found = without_added_settings(layout(runs), expected)
     for run in expected:
         assert found[run]["files"] == expected[run]["files"], run
         for name, value in expected[run].items():

@@ -218,7 +218,7 @@ def test_sigterm_stops_finetuning_with_last_ckpt_and_no_classifier(tmp_path):
     data, run, log = labeled_folder(tmp_path / "data", per_class=(12, 1)), tmp_path / "run", tmp_path / "ft.log"
     args = [recipe_path("finetune", "atto") if a == "__ATTO__" else a for a in FINETUNE]
     with open(log, "wb") as f:
-        child = run_command(["finetune", *args, "--data", data, "--epochs", "3", "--output", run],
+        child = run_command(["finetune", *args, "--data", data, "--epochs", "3", "--log-every", "1", "--output", run],
                             stdout=f, stderr=subprocess.STDOUT)
         seen = wait_for_step(log, child, 3)
         child.send_signal(signal.SIGTERM)
