@@ -4,9 +4,10 @@ median), to compare with the whole-step numbers of `fcmae bench` (README.md, "Pe
     python benchmarks/blocks.py                       # stage shapes 128x56, 256x28, 512x14; N=16, 60% masked
     python benchmarks/blocks.py --batch 8 --rounds 3 --shapes 128x56 512x14
 
-Backends: dense (the dense-masked reference, `Block.forward(x, visible)`), sparse (the fast path:
-depthwise conv dense on the scattered channels-last map, everything else on visible rows), and
-minkowski when MinkowskiEngine is installed (its submanifold channelwise conv + the same rows).
+Backends: dense (the dense-masked reference, `Block.forward(x, visible)`), sparse (the fast path,
+`Block.forward(rows, VisibleRows)`: depthwise conv dense on the scattered channels-last map,
+everything else on visible rows), and minkowski when MinkowskiEngine is installed
+(`Block.forward(rows, MinkowskiRows)`: its submanifold channelwise conv, the same pointwise rows).
 """
 import argparse
 import statistics
@@ -15,13 +16,8 @@ import time
 import torch
 
 from fcmae.encoders.convnextv2 import Block
-from fcmae.encoders.rows import VisibleRows
-from fcmae.masking import random_mask, upsample_mask
-
-
-def sparse_block(block, x_rows, rows):
-    y = rows.gather(block.dwconv(rows.scatter(x_rows)))
-    return x_rows + block.mlp(y, lambda t: block.grn.forward_rows(t, rows))
+from fcmae.encoders.rows import VisibleRows, visible_patches
+from fcmae.masking import num_visible, random_mask, upsample_mask
 
 
 def main():
@@ -31,14 +27,15 @@ def main():
     p.add_argument("--mask-ratio", type=float, default=0.6)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--mask-grid", type=int, default=7, help="mask side (the last stage of a 224 image: 7); H must be a multiple")
+    p.add_argument("--mask-grid", type=int, default=7,
+                   help="mask side (the last stage of a 224 image: 7); H must be a multiple")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     try:
         import MinkowskiEngine as ME
 
-        from fcmae.encoders.minkowski import _depthwise, _SampleGroups
+        from fcmae.encoders.minkowski import MINKOWSKI, MinkowskiRows
     except ImportError:
         ME = None
     torch.manual_seed(0)
@@ -55,7 +52,8 @@ def main():
         mask = random_mask(args.batch, grid, grid, args.mask_ratio)
         visible = upsample_mask(mask == 0, h // grid)
         keep = visible.unsqueeze(-1).float()
-        rows = VisibleRows(visible)
+        per_sample = num_visible(grid * grid, args.mask_ratio)
+        rows = VisibleRows(*visible_patches(mask, per_sample), mask.shape, h // grid, per_sample)
         x = torch.randn(args.batch, c, h, h) * keep.permute(0, 3, 1, 2)
         x_rows = rows.gather(x.contiguous(memory_format=torch.channels_last))
         g_dense = torch.randn_like(x) * keep.permute(0, 3, 1, 2)
@@ -67,18 +65,19 @@ def main():
 
         def sparse():
             xi = x_rows.clone().requires_grad_()
-            sparse_block(block, xi, rows).backward(g_rows)
+            block(xi, rows).backward(g_rows)
 
         runs = {"dense": dense, "sparse": sparse}
         if ME is not None:
-            coords = visible.nonzero().int().contiguous()
-            groups = _SampleGroups(coords[:, 0].long(), args.batch)
+            coords = visible.nonzero().int().contiguous()  # raster order: the rows in that order
+            raster = visible.reshape(-1).nonzero().squeeze(1)
+            x_points = x.permute(0, 2, 3, 1).reshape(-1, c)[raster]
+            g_points = g_dense.permute(0, 2, 3, 1).reshape(-1, c)[raster]
 
             def minkowski():
-                xi = x_rows.clone().requires_grad_()
-                st = ME.SparseTensor(xi, coordinates=coords)
-                y = xi + block.mlp(_depthwise(ME, st, block), lambda t: block.grn.forward_rows(t, groups))
-                y.backward(g_rows)
+                xi = x_points.clone().requires_grad_()
+                layout = MinkowskiRows(MINKOWSKI, ME, ME.SparseTensor(xi, coordinates=coords), args.batch)
+                block(xi, layout).backward(g_points)
 
             runs["minkowski"] = minkowski
         times = {k: [] for k in runs}

@@ -5,15 +5,23 @@ A backend is an object with
 - `unavailable(device=None) -> str | None`: None when it can run (on that device), else why not,
   in one line with the fix (e.g. the install hint);
 - `forward(encoder, imgs, visible)`: the encoder's forward over the shared trunk
-  (`encoder.downsample_layers`, `encoder.stages`): imgs (N, C, H, W) and `visible`, the per-stage
-  visibility maps of `fcmae.masking.stage_visibility` -> (N, C_last, H/32, W/32), zero at masked
-  positions. It must run under bf16 and fp16 autocast (tests/test_mixed_precision.py).
+  (`encoder.downsample_layers`, `encoder.stages`): imgs (N, C, H, W) and `visible`, a
+  `Visibility` (the last-stage mask, the visible count per sample when known, the per-stage maps)
+  -> (N, C_last, H/32, W/32), zero at masked positions. Blocks are called as modules,
+  `block(x, ...)` (`convnextv2.Block.forward`), never through their submodules, so that wrappers
+  of a block (FSDP units) see its parameters used. It must run under bf16 and fp16 autocast
+  (tests/test_mixed_precision.py).
 
 All backends compute the same function with one parameter set (tests/test_backends.py).
 Adding one: write it in its own file (as `dense_backend.py`, `sparse_backend.py`, `minkowski.py`)
 and add it to BACKENDS below; the CLI's choices, `fcmae bench` and the tests pick it up from here.
 """
+from dataclasses import dataclass
+from typing import Optional
+
 import torch
+
+from fcmae.masking import stage_visibility
 
 from .dense_backend import DENSE
 from .minkowski import MINKOWSKI
@@ -29,6 +37,19 @@ BACKEND_CHOICES = ("auto", *BACKENDS)  # what `--backend` accepts
 # MinkowskiEngine's CUDA kernels are gather-scatter based, so sparse is the default there too until
 # `fcmae bench --device cuda` says otherwise. Every entry is a backend that needs no extra install.
 FASTEST = {"cpu": "sparse", "cuda": "sparse"}
+
+
+@dataclass(frozen=True)
+class Visibility:
+    """What a backend is told of the mask: `mask` (N, H/32, W/32), 1 = masked; `per_sample`, the
+    visible count of every sample when the caller knows it (then no host-device sync is needed to
+    lay out the rows), else None."""
+    mask: torch.Tensor
+    per_sample: Optional[int] = None
+
+    def stages(self):
+        """Per-stage visibility (bool) maps (N, H/s, W/s), s = 4..32 (`fcmae.masking.stage_visibility`)."""
+        return stage_visibility(self.mask)
 
 
 class BackendUnavailable(ImportError, ValueError):

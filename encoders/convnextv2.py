@@ -10,6 +10,9 @@ from timm.layers import DropPath, LayerNorm2d, trunc_normal_
 
 from fcmae.masking import PATCH_SIZE
 
+from .depthwise import DepthwiseConv2d
+from .grn import GRN
+
 # name: (depths, dims)
 SIZES = {
     "atto": ((2, 2, 6, 2), (40, 80, 160, 320)),
@@ -30,38 +33,6 @@ def size_config(model):
     if model not in SIZES:
         raise ValueError(f"unknown model '{model}': choose one of {', '.join(SIZES)}")
     return SIZES[model]
-
-
-class GRN(nn.Module):
-    """Global Response Normalization on channels-last input (N, H, W, C).
-
-    G is the per-sample, per-channel L2 norm over spatial positions. With `visible` (N, H, W, 1),
-    masked positions are zeroed first, so the norm runs over visible positions only, exactly as
-    the sparse backends compute it.
-    """
-
-    def __init__(self, dim, eps=1e-6):
-        super().__init__()
-        self.eps = eps
-        self.gamma = nn.Parameter(torch.zeros(1, 1, 1, dim))
-        self.beta = nn.Parameter(torch.zeros(1, 1, 1, dim))
-
-    def forward(self, x, visible=None):
-        if visible is not None:
-            x = x * visible
-        gx = torch.linalg.vector_norm(x, dim=(1, 2), keepdim=True)  # (N, 1, 1, C)
-        nx = gx / (gx.mean(dim=-1, keepdim=True) + self.eps)
-        return self.gamma * (x * nx) + self.beta + x
-
-    def forward_rows(self, x, rows):
-        """x: (M, C) visible rows of the batch; `rows` locates them per sample (`VisibleRows`,
-        or the MinkowskiEngine backend's point groups): `per_sample_norm` (M, C) -> (N, C) and
-        `scale_shift(x, scale (N, C), shift (C,))` = x * scale[sample] + shift."""
-        gx = rows.per_sample_norm(x)  # (N, C)
-        nx = gx / (gx.mean(dim=-1, keepdim=True) + self.eps)
-        # gamma * (x * nx) + beta + x == x * (gamma * nx + 1) + beta: one fused pass over x.
-        scale = torch.addcmul(torch.ones_like(nx), self.gamma.view(1, -1), nx)  # (N, C)
-        return rows.scale_shift(x, scale, self.beta.view(-1))
 
 
 def match_grad_strides(module):
@@ -87,11 +58,14 @@ def grad_like(param):
 
 
 class Block(nn.Module):
-    """dwconv 7x7 -> LayerNorm -> Linear(C, 4C) -> GELU -> GRN -> Linear(4C, C) -> drop path -> + x."""
+    """dwconv 7x7 -> LayerNorm -> Linear(C, 4C) -> GELU -> GRN -> Linear(4C, C) -> drop path -> + x.
+
+    One forward for every backend (so that a wrapper of the block, such as an FSDP unit, sees
+    each use of its parameters): on a dense map, or on the visible rows of a row layout."""
 
     def __init__(self, dim, drop_path=0.0):
         super().__init__()
-        self.dwconv = nn.Conv2d(dim, dim, kernel_size=7, padding=3, groups=dim)
+        self.dwconv = DepthwiseConv2d(dim, kernel_size=7)
         self.norm = nn.LayerNorm(dim, eps=1e-6)
         self.pwconv1 = nn.Linear(dim, 4 * dim)
         self.act = nn.GELU()
@@ -103,15 +77,34 @@ class Block(nn.Module):
         """The pointwise part on channels-last features (..., C); `grn` applies the GRN."""
         return self.pwconv2(grn(self.act(self.pwconv1(self.norm(x)))))
 
-    def forward(self, x, visible=None):
-        """x: (N, C, H, W). `visible` (N, H, W, 1) gives the dense-masked reference: masked
-        positions are zero on input and output and do not enter GRN's norm."""
+    def forward(self, x, where=None):
+        """Dense: x (N, C, H, W) and `where` None or the visibility (N, H, W, 1), the dense-masked
+        reference (masked positions are zero on input and output and do not enter GRN's norm)
+        -> (N, C, H, W). Rows: x (M, C) and `where` their row layout (`rows.py`) -> (M, C)."""
+        if where is not None and not torch.is_tensor(where):
+            return self.forward_rows(x, where)
+        visible = where
         y = self.dwconv(x).permute(0, 2, 3, 1)  # (N, H, W, C)
-        y = self.mlp(y, lambda t: self.grn(t, visible))
+        if visible is None:  # every position counts: GRN as one function over (N, H*W, 4C)
+            y = self.mlp(y, lambda t: self.grn.grouped(t.flatten(1, 2)).view(t.shape))
+        else:
+            y = self.mlp(y, lambda t: self.grn(t, visible))
         y = x + self.drop_path(y.permute(0, 3, 1, 2))
         if visible is not None:
             y = y * visible.permute(0, 3, 1, 2)
         return y
+
+    def forward_rows(self, x, layout):
+        """x (M, C): the visible rows of a stage, `layout` their row layout -> (M, C)."""
+        y = layout.depthwise(self.dwconv, x)
+        y = self.mlp(y, lambda t: self._grn_rows(t, layout))
+        return x + layout.drop_path(y, getattr(self.drop_path, "drop_prob", 0.0), self.training)
+
+    def _grn_rows(self, x, layout):
+        by_sample = layout.by_sample(x)  # (N, P, 4C) when every sample has P rows, else None
+        if by_sample is not None:
+            return self.grn.grouped(by_sample).view(x.shape)
+        return self.grn.forward_rows(x, layout)
 
 
 def make_trunk(in_chans, depths, dims, drop_path_rate):

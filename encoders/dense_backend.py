@@ -10,8 +10,9 @@ class DenseBackend:
         return None
 
     def forward(self, encoder, imgs, visible):
-        """imgs (N, C, H, W), visible: per-stage bool maps (N, H/s, W/s), s = 4..32 ->
-        last-stage features (N, C_last, H/32, W/32), zero at masked positions."""
+        """imgs (N, C, H, W), visible: a `backends.Visibility` -> last-stage features
+        (N, C_last, H/32, W/32), zero at masked positions."""
+        visible = visible.stages()  # per-stage bool maps (N, H/s, W/s), s = 4..32
         x = imgs
         for i, (downsample, stage) in enumerate(zip(encoder.downsample_layers, encoder.stages)):
             keep = visible[i].unsqueeze(-1).to(imgs.dtype)  # (N, h, w, 1)

@@ -7,9 +7,9 @@ parameter set, in the dense model's keys.
 """
 import torch.nn as nn
 
-from fcmae.masking import PATCH_SIZE, stage_visibility
+from fcmae.masking import PATCH_SIZE
 
-from .backends import BACKENDS, check_backend
+from .backends import BACKENDS, Visibility, check_backend
 from .convnextv2 import check_input, init_weights, make_trunk, size_config
 
 
@@ -36,12 +36,17 @@ class SparseConvNeXtV2(nn.Module):
         check_backend(name)
         self._backend = name
 
-    def forward(self, imgs, mask):
+    def forward(self, imgs, mask, visible_per_sample=None):
         """imgs (N, C, H, W), mask (N, H/32, W/32) with 1 = masked ->
-        last-stage features (N, C_last, H/32, W/32), zero at masked positions."""
+        last-stage features (N, C_last, H/32, W/32), zero at masked positions.
+
+        `visible_per_sample`: the number of visible patches of every sample when the caller knows
+        it (masks from `random_mask` have `num_visible(L, ratio)`); then the sparse backend builds
+        its rows with fixed shapes and no host-device sync. None: counted from the mask (one
+        sync), and masks whose samples differ in count take the general path."""
         check_input(imgs, self.in_chans)
         n, _, h, w = imgs.shape
         grid = (n, h // PATCH_SIZE, w // PATCH_SIZE)
         if mask.shape != grid:
             raise ValueError(f"expected mask (N, H/{PATCH_SIZE}, W/{PATCH_SIZE}) = {grid}, got {tuple(mask.shape)}")
-        return BACKENDS[self.backend].forward(self, imgs, stage_visibility(mask))
+        return BACKENDS[self.backend].forward(self, imgs, Visibility(mask, visible_per_sample))

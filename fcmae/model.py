@@ -6,7 +6,7 @@ from fcmae.decoders import FCMAEDecoder
 from fcmae.encoders import SparseConvNeXtV2
 from fcmae.encoders.convnextv2 import match_grad_strides
 from fcmae.loss import masked_patch_loss
-from fcmae.masking import PATCH_SIZE, check_mask_ratio, patchify, random_mask
+from fcmae.masking import PATCH_SIZE, check_mask_ratio, num_visible, patchify, random_mask
 
 
 class FCMAE(nn.Module):
@@ -24,14 +24,20 @@ class FCMAE(nn.Module):
                                     PATCH_SIZE, in_chans)
         match_grad_strides(self)  # no gradient copies in DDP's buckets
 
-    def forward(self, imgs, mask=None):
-        """imgs (N, C, H, W) -> loss, pred (N, L, 32*32*C), mask (N, L) with 1 = masked."""
+    def forward(self, imgs, mask=None, visible_per_sample=None):
+        """imgs (N, C, H, W) -> loss, pred (N, L, 32*32*C), mask (N, L) with 1 = masked.
+
+        mask: (N, L) or (N, h, w), 1 = masked; None draws one (`random_mask`, `mask_ratio`).
+        `visible_per_sample`: the visible count of every sample of a given mask when the caller
+        knows it (a mask from `random_mask(..., mask_ratio)`: `num_visible(L, mask_ratio)`): the
+        step then makes no host-device sync (`SparseConvNeXtV2.forward`)."""
         n, _, h, w = imgs.shape
         grid = (h // PATCH_SIZE, w // PATCH_SIZE)
         if mask is None:
             mask = random_mask(n, *grid, self.mask_ratio, device=imgs.device)
+            visible_per_sample = num_visible(grid[0] * grid[1], self.mask_ratio)
         mask = mask.reshape(n, *grid).to(imgs.dtype)  # (N, h, w)
-        features = self.encoder(imgs, mask)  # (N, C_last, h, w)
+        features = self.encoder(imgs, mask, visible_per_sample)  # (N, C_last, h, w)
         pred = self.decoder(features, mask)  # (N, p*p*C, h, w)
         pred = pred.flatten(2).transpose(1, 2)  # (N, L, p*p*C)
         mask = mask.flatten(1)  # (N, L)

@@ -7,6 +7,7 @@ import lightning as L
 import torch
 from lightning.pytorch.strategies import FSDPStrategy
 
+from fcmae.masking import num_visible
 from fcmae.model import FCMAE
 from fcmae.optim import StepSchedule, StopUnlessFinite, adamw, no_weight_decay, param_groups
 from fcmae.training.callbacks import writes_logs
@@ -54,7 +55,10 @@ class PretrainModule(StepSchedule, StopUnlessFinite, L.LightningModule):
 
     def training_step(self, batch, batch_idx):
         imgs, mask = batch.view, batch.mask  # (N, C, H, W), (N, H/32, W/32): fcmae.data.views.MaskedView
-        loss, _, _ = self.model(imgs, mask)
+        # Every view's mask is drawn at the run's ratio (fcmae.data.views.augment): its visible count,
+        # known here, spares the sparse backend reading it from the mask (a host-device sync).
+        visible = num_visible(mask[0].numel(), self.model.mask_ratio)
+        loss, _, _ = self.model(imgs, mask, visible)
         self.last_loss = loss.detach()  # read back only to name a non-finite step
         if writes_logs(self.trainer):  # values reach the host only every --log-every steps
             if self.trainer.precision == "16-mixed":

@@ -9,13 +9,17 @@ Each part runs in a process of its own under its own time limit, so a part that 
 a part that cannot run here, or is not started by `--budget` seconds, is recorded as `not_run`. The JSON is rewritten after
 every part. Parts (`PARTS`):
 
-- bench_tiny, bench_base: `fcmae bench` in bf16 with every backend that runs here; *_compile: with --compile.
+- bench_tiny, bench_base: `fcmae bench` in bf16 with every backend that runs here; *_compile: with --compile on
+  (every backend compiled: what `--compile auto` should pick on CUDA).
 - pretrain: 100 steps of `fcmae pretrain --precision bf16-mixed` on the demo data: images/s, loss.
 - segment: 20 steps of `fcmae segment` on generated images and masks, where the command exists.
 - syncs: host-device syncs per training step through Lightning (fcmae.profiling.StepSyncs), 20
   steps of dense and of sparse; CUDA: torch.cuda.set_sync_debug_mode("warn"), by Python line.
   Expected on steps that write no logs: 1, the finite check (docs/internals.md).
 - kernels: the profiler's top kernels of one sparse bf16 training step (which depthwise kernel runs).
+- depthwise: which backward of the 7x7 depthwise conv is faster here, per stage shape of tiny and
+  precision: `native` (torch's own: cuDNN on CUDA) or `swapped` (encoders/depthwise.py, batch and
+  channels swapped); the faster is what `depthwise.BACKWARD` should say for this device type.
 - agreement: bf16 sparse vs dense, and vs float32 dense: encoder output and parameter gradients
   within the mixed-precision tolerances of the tests (tests/helpers.py).
 - fsdp_policy: FCMAE under the run's FSDP mixed-precision policy (torch FSDP on one rank) vs float32.
@@ -47,7 +51,7 @@ def bench(model, compile_=False):
         else:
             size = ["--model", "atto", "--input-size", "64", "--batch-size", "2", "--steps", "1", "--warmup", "0",
                     "--no-memory"]
-        args = [*size, "--precision", "bf16", *(["--compile"] if compile_ else []), "--json", str(tmp / "bench.json")]
+        args = [*size, "--precision", "bf16", *(["--compile", "on"] if compile_ else []), "--json", str(tmp / "bench.json")]
         result = fcmae_bench.run_bench(fcmae_bench.build_parser().parse_args(args))
         keep = ("backend", "images_per_s", "step_s", "ratio_to_dense", "peak_memory_mb", "gflop_per_s")
         return {"args": args[:-2], "rows": [{k: r[k] for k in keep} for r in result["results"]],
@@ -147,19 +151,21 @@ def training_step(model, backend, input_size, batch, device, dtype, decoder_dim=
     """A pre-training step (forward, backward, AdamW) as a closure, on fixed images and masks."""
     import torch
 
-    from fcmae.masking import random_mask
+    from fcmae.masking import num_visible, random_mask
     from fcmae.model import FCMAE
     from fcmae.optim import adamw, param_groups
     torch.manual_seed(0)
     net = FCMAE(model, backend, img_size=input_size, decoder_dim=decoder_dim).to(device)
     optimizer = adamw(param_groups(net, 0.05), device, lr=1e-4)
     imgs = torch.randn(batch, 3, input_size, input_size, device=device)
-    mask = random_mask(batch, input_size // 32, input_size // 32, 0.6, device=device)
+    grid = input_size // 32
+    mask = random_mask(batch, grid, grid, 0.6, device=device)
+    visible = num_visible(grid * grid, 0.6)  # known, as in training: no sync for the row counts
 
     def step():
         optimizer.zero_grad(set_to_none=True)
         with torch.autocast(device.type, dtype=dtype):
-            loss, _, _ = net(imgs, mask)
+            loss, _, _ = net(imgs, mask, visible)
         loss.backward()
         optimizer.step()
     return step
@@ -183,6 +189,57 @@ def kernels(cuda, quick, tmp):
     top = [{"name": e.key[:160], "ms": getattr(e, key) / 1e3, "calls": e.count} for e in rows[:25]]
     convolutions = [r for r in top if any(w in r["name"].lower() for w in ("conv", "depthwise", "dgrad", "wgrad"))]
     return {"top": top, "convolutions": convolutions, "model": "tiny" if cuda else "atto"}
+
+
+def depthwise(cuda, quick, tmp):
+    import torch
+
+    from fcmae.encoders import depthwise as dw
+    from fcmae.encoders.convnextv2 import size_config
+    from fcmae.encoders.depthwise import DepthwiseConv2d
+    from fcmae.encoders.rows import VisibleRows, visible_patches
+    from fcmae.masking import num_visible, random_mask
+    device = torch.device("cuda" if cuda else "cpu")
+    size, batch, rounds = (64, 2, 1) if quick else (224, 32, 5)
+    grid = size // 32
+    per_sample = num_visible(grid * grid, 0.6)
+    mask = random_mask(batch, grid, grid, 0.6, device=device)
+    stages = []
+    for i, dim in enumerate(size_config("tiny")[1]):
+        layout = VisibleRows(*visible_patches(mask, per_sample), mask.shape, 8 >> i, per_sample)
+        conv = DepthwiseConv2d(dim).to(device)
+        rows = torch.randn(layout.index.numel(), dim, device=device)
+        for precision, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16))[:1 if quick else 2]:
+            x = rows.to(dtype).requires_grad_()
+            entry = {"stage": i, "dim": dim, "side": layout.shape[1], "precision": precision}
+            for method in ("native", "swapped"):
+                def step():
+                    with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+                        conv.forward_rows(x, layout).float().sum().backward()
+                saved, dw.BACKWARD[device.type] = dw.BACKWARD.get(device.type), method
+                try:
+                    entry[method] = median_seconds(step, cuda, rounds)
+                finally:
+                    dw.BACKWARD[device.type] = saved
+            entry["faster"] = min(("native", "swapped"), key=entry.get)
+            stages.append(entry)
+    return {"stages": stages, "default": dw.backward_method(device), "input_size": size, "batch": batch}
+
+
+def median_seconds(step, cuda, rounds):
+    """Median wall seconds of `step()` after one untimed call (CUDA: synchronized)."""
+    import torch
+    step()
+    times = []
+    for _ in range(rounds):
+        if cuda:
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        step()
+        if cuda:
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
 
 
 def agreement(cuda, quick, tmp):
@@ -290,6 +347,7 @@ PARTS = {
     "segment": Part(segment, 150),
     "syncs": Part(syncs, 120),
     "kernels": Part(kernels, 60),
+    "depthwise": Part(depthwise, 120),
     "agreement": Part(agreement, 60),
     "fsdp_policy": Part(fsdp_policy, 60, cuda_only="CPU autocast leaves layer_norm to the parameters' bf16 "
                                                    "(tests/training/test_fsdp_precision.py)"),

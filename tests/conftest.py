@@ -32,3 +32,12 @@ def one_thread(monkeypatch):
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(autouse=True)
+def _float32_cpu(monkeypatch):
+    """`--precision auto` on the CPU sees no AMX or AVX-512 BF16 (fcmae.precision.cpu_bf16_units), so
+    every run with the default precision computes in float32 whatever CPU runs the suite; the
+    tests of the choice (tests/test_precision.py) give the flags they test."""
+    import fcmae.precision
+    monkeypatch.setattr(fcmae.precision, "cpu_bf16_units", lambda: ())

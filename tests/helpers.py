@@ -317,3 +317,12 @@ def segment_small(*args):
     ({"history", "output", "segmenter", "best", "module"})."""
     from fcmae.commands.segment import build_parser, train
     return train(build_parser().parse_args(segment_args(*args)[1:]))
+
+
+def free_port():
+    """A TCP port free on this machine now, for a process group's rendezvous."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

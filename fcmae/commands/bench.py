@@ -54,7 +54,7 @@ from fcmae.encoders.convnextv2 import size_config
 from fcmae.errors import UserError
 from fcmae.files import write_atomic
 from fcmae.listflags import list_flags, list_words
-from fcmae.masking import PATCH_SIZE, check_input_size, check_mask_ratio, random_mask
+from fcmae.masking import PATCH_SIZE, check_input_size, check_mask_ratio, num_visible, random_mask
 from fcmae.precision import ALIASES, DTYPES, PRECISIONS, resolve_precision, use_tf32
 
 DEFAULT_MODEL = "tiny"
@@ -82,13 +82,18 @@ def build_parser():
                                       "GradScaler); fp32, bf16 and fp16 are the same")
     p.add_argument("--channels-last", action=ActionYesNo(no_prefix="no-"), default=False,
                    help="model and images in channels-last memory format (helps the dense backend's convs)")
-    p.add_argument("--compile", action=ActionYesNo(no_prefix="no-"), default=False, help="torch.compile the model")
+    p.add_argument("--compile", type=Literal["off", "auto", "on"], default="off",
+                   help="torch.compile the model: on = for every backend; auto = only for the backends it makes "
+                        "faster on this device (the others run eager, with a line saying why)")
     p.add_argument("--steps", type=int, default=5, help="timed rounds (one step per backend each)")
     p.add_argument("--warmup", type=Optional[int], default=None,
                    help="untimed steps per backend first; default 1 on CPU, 10 on CUDA (cuDNN's kernel choice, "
                         "the caching allocator and lazy initialization settle over the first steps)")
     p.add_argument("--memory", action=ActionYesNo(no_prefix="no-"), default=True,
                    help="measure peak memory (CPU: one extra untimed, profiled step per backend)")
+    p.add_argument("--breakdown", action=ActionYesNo(no_prefix="no-"), default=True,
+                   help="CPU: one more profiled step per backend, split by kind of work, against this machine's "
+                        "own matrix-product rate measured in the same run")
     p.add_argument("--threads", type=Optional[int], default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", type=Optional[str], default=None, help="also write the JSON result to this file")
@@ -160,6 +165,32 @@ def _attempt(fn, backend, backends, skipped, *args):
         return None
 
 
+# Where torch.compile makes a backend's step faster, by device type (`--compile auto`), and why
+# the others stay eager. CPU, tiny 224 px batch 8: dense 2.9 -> 4.9 img/s compiled, sparse 11.5 ->
+# 8.9 (docs/performance.md). CUDA: not measured yet (scripts/gpu_check.py times --compile on).
+COMPILE_PAYS = {"cpu": ("dense",), "cuda": ("dense", "sparse")}
+EAGER_BECAUSE = {
+    "sparse": "torch.compile measured slower than eager on the CPU: graph breaks around its row layout",
+    "minkowski": "MinkowskiEngine's operations are opaque to torch.compile (a graph break at each)",
+}
+
+
+def compiled_backends(setting, device_type, backends):
+    """The backends whose steps run compiled under `--compile setting`."""
+    if setting == "on":
+        return set(backends)
+    if setting == "auto":
+        return set(backends) & set(COMPILE_PAYS.get(device_type, ()))
+    return set()
+
+
+def compile_line(backends, compiled):
+    """One line: what `--compile auto` compiled, and why the rest runs eager."""
+    eager = [f"{b} ({EAGER_BECAUSE.get(b, 'not measured to gain')})" for b in backends if b not in compiled]
+    return f"--compile auto: compiled {', '.join(sorted(compiled)) or 'none'}" + (
+        f"; eager: {'; '.join(eager)}" if eager else "")
+
+
 class Stepper:
     """One model and optimizer; `step(backend, imgs, mask)` runs and times one training step."""
 
@@ -167,6 +198,7 @@ class Stepper:
         from fcmae.model import FCMAE  # heavy imports only when running
 
         self.device = device
+        self.mask_ratio = cfg.mask_ratio[0]  # of the masks being timed (`time_ratio` sets it)
         self.dtype = DTYPES[resolve_precision(cfg.precision)]
         self.model = FCMAE(cfg.model, backend="dense", in_chans=cfg.in_chans, img_size=cfg.input_size,
                            mask_ratio=cfg.mask_ratio[0]).to(device)
@@ -177,7 +209,8 @@ class Stepper:
         self.optimizer = adamw(groups, device, lr=1.5e-4, betas=(0.9, 0.95))  # training's AdamW
         self.optimizer_kind = "fused" if self.optimizer.defaults.get("fused") else "foreach"
         self.scaler = torch.amp.GradScaler(device.type) if self.dtype == torch.float16 else None
-        self.forward = torch.compile(self.model) if cfg.compile else self.model
+        self.compiled_backends = compiled_backends(cfg.compile, device.type, {"dense", *cfg.backends})
+        self.compiled = torch.compile(self.model) if self.compiled_backends else None
 
     def state_bytes(self):
         tensors = list(self.model.parameters()) + [t for s in self.optimizer.state.values()
@@ -190,8 +223,10 @@ class Stepper:
         _sync(self.device)
         t0 = time.perf_counter()
         self.optimizer.zero_grad(set_to_none=True)
+        visible = num_visible(mask[0].numel(), self.mask_ratio)  # the masks' count, as training passes it: no sync
         with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype is not None):
-            loss, _, _ = self.forward(imgs, mask)
+            forward = self.compiled if backend in self.compiled_backends else self.model
+            loss, _, _ = forward(imgs, mask, visible)
         if self.scaler is not None:
             self.scaler.scale(loss).backward()
         else:
@@ -290,6 +325,7 @@ def time_ratio(cfg, stepper, imgs, ratio, backends, skipped, gen):
     grid = cfg.input_size // PATCH_SIZE
     masks = [random_mask(cfg.batch_size, grid, grid, ratio, generator=gen).to(imgs.device)
              for _ in range(cfg.warmup + cfg.steps)]
+    stepper.mask_ratio = ratio
     times, opt_times, decoder_times = {b: [] for b in backends}, {b: [] for b in backends}, []
     for b in list(backends):
         for k in range(cfg.warmup):
@@ -350,6 +386,7 @@ def run_bench(cfg):
         "model": cfg.model, "input_size": cfg.input_size, "batch_size": cfg.batch_size,
         "device": str(device), "device_name": _device_name(device), "threads": torch.get_num_threads(),
         "precision": resolve_precision(cfg.precision), "channels_last": cfg.channels_last, "compile": cfg.compile,
+        "compiled": sorted(stepper.compiled_backends),
         "steps": cfg.steps, "warmup": cfg.warmup, "optimizer": f"AdamW ({stepper.optimizer_kind})",
         "torch": torch.__version__, "memory_measure": _memory_measure(device) if cfg.memory else None,
         "state_mb": stepper.state_bytes() / 2 ** 20,
@@ -358,12 +395,36 @@ def run_bench(cfg):
         "skipped": skipped, "auto": resolve_backend("auto", device.type), "fastest": fastest,
         "results": rows,
     }
+    if cfg.compile == "auto":
+        print(compile_line(backends, stepper.compiled_backends))
     print_table(result)
+    if cfg.breakdown and device.type == "cpu":
+        result["breakdown"] = breakdowns(cfg, stepper, imgs, backends, main_ratio, gen)
     line = json.dumps(result, separators=(",", ":"))
     if cfg.json:
         write_atomic(cfg.json, line + "\n")
     print(line)
     return result
+
+
+def breakdowns(cfg, stepper, imgs, backends, ratio, gen):
+    """One profiled step per backend split by kind of work (fcmae.profiling.step_breakdown), and
+    the machine's float32 matrix-product rate measured now; printed, and returned for the JSON.
+    CPU only: the profiler's CPU times of a CUDA step are the host's, not the device's."""
+    from fcmae.profiling import format_breakdown, matmul_rate, step_breakdown
+    grid = cfg.input_size // PATCH_SIZE
+    mask = random_mask(cfg.batch_size, grid, grid, ratio, generator=gen).to(imgs.device)
+    stepper.mask_ratio = ratio
+    rate = matmul_rate()
+    step_flop = visible_flops(cfg.model, cfg.input_size, cfg.batch_size, ratio, cfg.in_chans)["step"]
+    out = {"matmul_rate_flop_per_s": rate, "backends": {}}
+    for b in backends:
+        breakdown = step_breakdown(lambda: stepper.step(b, imgs, mask))
+        out["backends"][b] = breakdown
+        print(f"where a {b} step's time goes (one profiled step, {breakdown['wall_s']:.3f} s, "
+              f"{breakdown['copies']:.0f} copies):")
+        print("\n".join("  " + line for line in format_breakdown(breakdown, rate, step_flop)))
+    return out
 
 
 def _device_name(device):
@@ -385,7 +446,7 @@ def print_table(result):
     print(f"fcmae bench: {r0['model']} {r0['input_size']}x{r0['input_size']}, batch {r0['batch_size']}, "
           f"{r0['precision']}, {r0['device']} ({r0['device_name']}, {r0['threads']} threads), "
           f"median of {r0['steps']} interleaved steps after {r0['warmup']} warm-up, {r0['optimizer']}"
-          f"{', channels-last' if r0['channels_last'] else ''}{', compiled' if r0['compile'] else ''}")
+          f"{', channels-last' if r0['channels_last'] else ''}{', compiled: ' + ' '.join(r0['compiled']) if r0['compiled'] else ''}")
     print(f"{'mask':>5} {'backend':<10} {'img/s':>8} {'x dense':>8} {'step s':>8} {'min s':>7} {'opt s':>7} "
           f"{'peak MB':>9} {'GFLOP/s':>8}")
     for r in result["results"]:

@@ -95,7 +95,7 @@ def evaluate(cfg):
     classifier = ConvNeXtV2(model, in_chans, num_classes)
     classifier.load_state_dict(weights.state)
     trainer = hardware_trainer(cfg, logger=False, enable_checkpointing=False,
-                               precision=resolve_precision(cfg.precision))
+                               precision=resolve_precision(cfg.precision, cfg.accelerator))
     module = ConfusionEval(classifier, num_classes)
     metrics = trainer.validate(module, loader(val, cfg.batch_size, cfg.workers, train=False), verbose=False)[0]
     out = {"top1": metrics["val/top1"], "top5": metrics["val/top5"], "loss": metrics["val/loss"], "images": len(val)}
@@ -162,7 +162,7 @@ def evaluate_segmenter(cfg):
     module = SegmentModule(model, **{k: meta[k] for k in SEGMENTER_KEYS if k in meta}, window=window, tta=cfg.tta,
                            tta_ratios=tuple(cfg.tta_ratios))
     trainer = hardware_trainer(cfg, logger=False, enable_checkpointing=False,
-                               precision=resolve_precision(cfg.precision))
+                               precision=resolve_precision(cfg.precision, cfg.accelerator))
     trainer.validate(module, datamodule=SegmentData(None, val, 1, cfg.workers), verbose=False)
     s = module.last_scores
     how = "multi-scale + flip" if cfg.tta else "sliding windows" if window else "whole images"

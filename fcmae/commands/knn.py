@@ -37,7 +37,7 @@ def build_parser():
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--workers", type=int, default=2, help="data loader processes")
     p.add_argument("--precision", type=Literal[PRECISIONS], default="auto",
-                   help="auto = bf16-mixed on GPUs that support it, else 32")
+                   help="auto = bf16-mixed on GPUs that support it and on CPUs with AMX or AVX-512 BF16, else 32")
     p.add_argument("--device", type=str, default="auto", help="auto (cuda if available) | cpu | cuda")
     p.add_argument("--output", type=Optional[str], default="knn.json", help="JSON file for the result")
     p.add_argument("--trust-checkpoint", action="store_true",
@@ -58,7 +58,8 @@ def knn(cfg):
     input_size = cfg.input_size or meta.get("trained_input_size") or 224
     train, val, classes = labelled_sets(cfg.data, input_size, encoder.in_chans, cfg.val_split, cfg.max_train,
                                         cfg.seed)
-    device, precision = pick_device(cfg.device), resolve_precision(cfg.precision)
+    device = pick_device(cfg.device)
+    precision = resolve_precision(cfg.precision, "cpu" if device == "cpu" else "auto")
     result = knn_evaluate(encoder.to(device), train, val, len(classes), cfg.k, cfg.temperature, device, precision,
                           cfg.batch_size, cfg.workers)
     print(f"kNN (k={cfg.k}, T={cfg.temperature}) {name}: top-1 {result['top1']:.2f}%  top-5 {result['top5']:.2f}%  "

@@ -32,7 +32,8 @@ def add_hardware_flags(parser, devices="auto", strategy=True):
         g.add_argument("--strategy", type=Literal[STRATEGIES], default="auto",
                        help="auto = DDP when more than one device; fsdp shards large/huge")
     g.add_argument("--precision", type=Literal[PRECISIONS], default="auto",
-                   help="auto = bf16-mixed on GPUs that support it, else 32")
+                   help="auto = bf16-mixed on GPUs that support it and on CPUs with AMX or AVX-512 BF16 "
+                        "(bf16 matrix products in hardware), else 32; the run prints what it picked")
     g.add_argument("--workers", type=Union[Literal["auto"], int], default="auto",
                    help="data loader processes per device; auto: the node's cores shared among its devices, less "
                         "one per GPU for its training process (on the CPU, less half for its compute threads)")

@@ -64,7 +64,7 @@ from lightning.pytorch.utilities import rank_zero_only
 
 from fcmae.checkpoints import read_run_checkpoint
 from fcmae.errors import NonFiniteLoss, UserError
-from fcmae.precision import resolve_precision, use_tf32
+from fcmae.precision import auto_precision, resolve_precision, use_tf32
 from fcmae.rundir import RunDir, read_scalars, write_config
 from fcmae.training.callbacks import LastCheckpoint
 from fcmae.training.trainer import auto_workers, make_trainer, training_threads, world_size
@@ -131,6 +131,7 @@ def train(task):
                            **task.trainer_options(resolved))
     task.on_device(resolved, trainer)
     print_config(resolved)
+    print_precision(cfg)
     if cfg.dry_run:
         return None
     print_notes(resolved)
@@ -173,7 +174,7 @@ def base_plan(cfg, world, accumulate, values=None):
     flags = {k: v for k, v in cfg.clone().as_dict().items() if k != "config"}
     blr = values["blr"] if "blr" in values else cfg.get("blr")  # none: the task's lr is absolute (--lr)
     return {**flags, **values, "accumulate": accumulate, "effective_batch": effective_batch, "world_size": world,
-            "precision": resolve_precision(cfg.precision), "lr": lr_for(cfg, blr, effective_batch)}
+            "precision": resolve_precision(cfg.precision, cfg.accelerator), "lr": lr_for(cfg, blr, effective_batch)}
 
 
 # Fewer optimizer steps per epoch than this and an epoch-based schedule (warmup, cosine, EMA,
@@ -315,6 +316,13 @@ def print_config(resolved):
     command stops after this."""
     if rank_zero_only.rank == 0:
         print(yaml.safe_dump(resolved, sort_keys=False), end="", flush=True)
+
+
+def print_precision(cfg):
+    """One line (rank 0) with what `--precision auto` picked here and why."""
+    if cfg.precision == "auto" and rank_zero_only.rank == 0:
+        precision, why = auto_precision(cfg.accelerator)
+        print(f"--precision auto -> {precision}: {why}", flush=True)
 
 
 def print_notes(resolved):

@@ -32,7 +32,7 @@ def make_strategy(cfg, world=None, accumulate=1):
     if name == "fsdp":
         if cfg.accelerator == "cpu" or not torch.cuda.is_available():
             raise UserError("--strategy fsdp needs CUDA GPUs (Lightning's FSDP is GPU-only): use --strategy ddp here")
-        return fsdp_strategy(resolve_precision(cfg.precision))
+        return fsdp_strategy(resolve_precision(cfg.precision, cfg.accelerator))
     if name == "ddp" or (name == "auto" and (world or 1) > 1):
         return ddp_strategy(accumulate)
     return name  # one process
@@ -137,7 +137,7 @@ def make_trainer(cfg, output, callbacks, epochs, accumulate, **kwargs):
         plugins.append(SLURMEnvironment(auto_requeue=False))
     max_steps = kwargs.pop("max_steps", cfg.max_steps)
     return hardware_trainer(
-        cfg, precision=resolve_precision(cfg.precision), max_epochs=epochs, max_steps=max_steps,
+        cfg, precision=resolve_precision(cfg.precision, cfg.accelerator), max_epochs=epochs, max_steps=max_steps,
         accumulate_grad_batches=accumulate,
         logger=TensorBoardLogger(output, name=TENSORBOARD, version="", default_hp_metric=False),
         callbacks=[SkippedFiles(run.skipped_files), StopOnSignal(run.last), RandomState(),

@@ -5,6 +5,7 @@ import pytest
 
 from fcmae.commands import bench
 from fcmae.errors import UserError
+from fcmae.profiling import KINDS
 
 
 def parse(args):
@@ -24,6 +25,12 @@ def test_bench_one_step_json_line(capsys, tmp_path):
                 "visible_flops", "decoder_loss_s", "state_mb", "auto", "fastest", "results"):
         assert key in result
     assert result["auto"] in ("dense", "sparse", "minkowski")
+    breakdown = result["breakdown"]  # on by default on the CPU: one profiled step per backend
+    assert set(breakdown["backends"]) == {"dense", "sparse"} and breakdown["matmul_rate_flop_per_s"] > 0
+    for b in breakdown["backends"].values():
+        assert set(b["seconds"]) == set(KINDS) and b["seconds"]["matrix products"] > 0
+        assert sum(b["seconds"].values()) == pytest.approx(b["wall_s"], rel=0.05)
+    assert sum("of this machine's" in line for line in lines) == 2, "each backend's matmul share of the rate"
     assert set(result["visible_flops"]) == {"encoder_fwd", "decoder_fwd", "step"}
     rows = result["results"]
     assert [(r["mask_ratio"], r["backend"]) for r in rows] == [
@@ -100,3 +107,29 @@ def test_bench_marks_a_backend_that_cannot_run_skipped(monkeypatch, capsys, reas
     assert result["skipped"] == {"minkowski": expected}
     table = capsys.readouterr().out
     assert f"minkowski  skipped: {expected}" in table
+
+
+def test_compile_auto_leaves_off_the_backends_it_slows():
+    """--compile auto compiles only where it measured faster (bench.COMPILE_PAYS) and says why the
+    rest runs eager; on compiles every backend, off none."""
+    every = {"dense", "sparse", "minkowski"}
+    assert bench.compiled_backends("auto", "cpu", every) == {"dense"}
+    assert bench.compiled_backends("on", "cpu", every) == every
+    assert bench.compiled_backends("off", "cuda", every) == set()
+    assert "minkowski" not in bench.compiled_backends("auto", "cuda", every)
+    line = bench.compile_line(["dense", "sparse", "minkowski"], {"dense"})
+    assert line.startswith("--compile auto: compiled dense; eager: sparse (torch.compile measured slower")
+    assert "minkowski (MinkowskiEngine" in line
+
+
+def test_compile_auto_prints_its_choice(capsys, monkeypatch):
+    """The choice and its line (torch.compile itself stubbed: compiling takes minutes on CPU)."""
+    compiled = []
+    monkeypatch.setattr(bench.torch, "compile", lambda model: compiled.append(model) or model)
+    result = bench.run_bench(parse(["--model", "atto", "--input-size", "64", "--batch-size", "2", "--steps", "1",
+                                    "--warmup", "0", "--backends", "[sparse]", "--no-memory", "--no-breakdown",
+                                    "--compile", "auto"]))
+    assert result["compiled"] == ["dense"] and len(compiled) == 1 and "breakdown" not in result
+    out = capsys.readouterr().out
+    assert [line for line in out.splitlines() if line.startswith("--compile auto")] == [
+        "--compile auto: compiled dense; eager: sparse (" + bench.EAGER_BECAUSE["sparse"] + ")"]

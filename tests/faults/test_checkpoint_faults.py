@@ -236,8 +236,8 @@ def inject(monkeypatch, at_call, kind):
     NaN (sqrt's infinite slope at 0 times the zero gradient of torch.where's unused branch)."""
     real, calls = FCMAE.forward, []
 
-    def forward(self, imgs, mask):
-        loss, pred, m = real(self, imgs, mask)
+    def forward(self, imgs, mask, visible_per_sample=None):
+        loss, pred, m = real(self, imgs, mask, visible_per_sample)
         calls.append(1)
         if len(calls) == at_call:
             if kind == "loss":

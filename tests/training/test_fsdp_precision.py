@@ -12,7 +12,6 @@ float32 input is an error on CPU; CUDA autocast runs layer_norm in float32. FCMA
 policy is scripts/gpu_check.py's `fsdp_policy` check (and a 2-rank FSDP run with 2 GPUs)."""
 import json
 import os
-import socket
 import subprocess
 import sys
 import textwrap
@@ -22,7 +21,7 @@ import torch
 from lightning.pytorch.plugins.precision import FSDPPrecision
 
 from fcmae.training.trainer import fsdp_strategy
-from helpers import MIXED_PRECISION_TOLERANCES
+from helpers import MIXED_PRECISION_TOLERANCES, free_port
 
 
 def test_the_strategy_carries_the_policy():
@@ -107,12 +106,6 @@ SCRIPT = textwrap.dedent("""
     if __name__ == "__main__":
         mp.spawn(run, args=(int(sys.argv[1]), sys.argv[2]), nprocs=2)
 """)
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.mark.slow
