@@ -53,6 +53,7 @@ SCRIPT = textwrap.dedent("""
                                "blocks": sum(isinstance(m, Block) for m in ref.modules())}
         with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
             json.dump(result, f)
+        dist.barrier()  # both ranks done with gloo before either tears it down
         dist.destroy_process_group()
 
     if __name__ == "__main__":

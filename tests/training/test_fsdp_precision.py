@@ -101,6 +101,7 @@ SCRIPT = textwrap.dedent("""
                 "units": len(FSDP.fsdp_modules(sharded)) - 1}  # the root is one too
         with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
             json.dump(result, f)
+        dist.barrier()  # both ranks done with gloo before either tears it down
         dist.destroy_process_group()
 
     if __name__ == "__main__":
