@@ -326,3 +326,15 @@ def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def run_fcmae(capsys, *argv):
+    """`fcmae ARGV` in this process -> (exit code, stdout, stderr), output captured by `capsys`."""
+    from fcmae.cli import main
+    capsys.readouterr()
+    try:
+        code = main([str(a) for a in argv]) or 0
+    except SystemExit as e:
+        code = e.code
+    out, err = capsys.readouterr()
+    return code, out, err

@@ -6,10 +6,9 @@ import json
 
 import pytest
 import yaml
-from helpers import TINY, segment_args, segmentation_images
+from helpers import TINY, run_fcmae, segment_args, segmentation_images
 from PIL import Image
 
-from fcmae.cli import main
 
 
 @pytest.fixture(scope="module")
@@ -18,14 +17,7 @@ def data(tmp_path_factory):
 
 
 def fcmae(capsys, *argv):
-    """`fcmae ARGV` in this process -> (exit code, stdout, stderr)."""
-    capsys.readouterr()
-    try:
-        code = main([str(a) for a in argv]) or 0
-    except SystemExit as e:
-        code = e.code
-    out, err = capsys.readouterr()
-    return code, out, err
+    return run_fcmae(capsys, *argv)
 
 
 def dry_run(capsys, data, tmp_path, *args):

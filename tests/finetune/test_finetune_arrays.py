@@ -6,8 +6,8 @@ import json
 import numpy as np
 import pytest
 import torch
+from helpers import run_fcmae
 
-from fcmae.cli import main
 from fcmae.data import labelled as data, transforms
 from fcmae.training.flags import recipe_path
 
@@ -32,13 +32,7 @@ def array_folders(root, chans=5, per_class=(4, 2), size=48):
 
 
 def fcmae(capsys, *argv):
-    capsys.readouterr()
-    try:
-        code = main([str(a) for a in argv]) or 0
-    except SystemExit as e:
-        code = e.code
-    out, err = capsys.readouterr()
-    return code, out, err
+    return run_fcmae(capsys, *argv)
 
 
 FINETUNE = ["--config", "__ATTO__", "--model", TINY, "--input-size", "64", "--batch-size", "4", "--effective-batch",
